@@ -1,0 +1,32 @@
+"""LeanK: learned static K-cache channel pruning for long-context decoding.
+
+    import leank
+    model, tok = leank.load_model("smollm2-135m")          # LeanK attention enabled
+    mask = leank.ChannelMask.load(leank.bundled_mask_path("smollm2-135m"))
+    cache = leank.LeanKCache(model, mask)
+    out = model.generate(**tok(prompt, return_tensors="pt"), **leank.cache_kwargs(cache))
+
+The training code (``leank.train``) is not imported here.
+"""
+
+from .attention import decode_attention, enable
+from .cache import LeanKCache, LeanKLayer, cache_kwargs
+from .errors import LeanKError
+from .masks import ChannelMask, binarize
+from .models import load_model, load_tokenizer
+from .resources import bundled_mask_path
+
+__all__ = [
+    "ChannelMask",
+    "LeanKCache",
+    "LeanKError",
+    "LeanKLayer",
+    "binarize",
+    "bundled_mask_path",
+    "cache_kwargs",
+    "decode_attention",
+    "enable",
+    "load_model",
+    "load_tokenizer",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,90 @@
+"""With an all-kept mask, LeanK generation is token-identical to DynamicCache + SDPA."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+import leank
+
+from .conftest import left_padded, tiny_model
+
+
+def generate_both(model, ids, attention_mask, *, sink=3, recent=5, chunk=4, **gen_kwargs):
+    kwargs = dict(input_ids=ids, attention_mask=attention_mask, pad_token_id=0, **gen_kwargs)
+    model.set_attn_implementation("sdpa")
+    seed = torch.seed()
+    torch.manual_seed(seed)
+    dense = model.generate(**kwargs, **leank.cache_kwargs(DynamicCache()))
+    leank.enable(model)
+    cfg = model.config
+    mask = leank.ChannelMask.full(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim)
+    cache = leank.LeanKCache(model, mask, sink=sink, recent=recent, chunk=chunk)
+    torch.manual_seed(seed)
+    ours = model.generate(**kwargs, **leank.cache_kwargs(cache))
+    return dense, ours, cache
+
+
+def test_greedy_32_tokens(arch):
+    model = tiny_model(arch, qk_gain=3.0)
+    gen = torch.Generator().manual_seed(torch.seed() % 2**31)
+    ids, am = left_padded([45], 97, gen)
+    dense, ours, cache = generate_both(model, ids, am, max_new_tokens=32, min_new_tokens=32, do_sample=False)
+    assert torch.equal(dense, ours)
+    assert cache.get_seq_length() == 45 + 31  # the last token is sampled, never fed back
+    assert cache.layers[0].middle_len > 0
+
+
+def test_left_padded_batch_of_3(arch):
+    model = tiny_model(arch, qk_gain=3.0)
+    gen = torch.Generator().manual_seed(torch.seed() % 2**31)
+    ids, am = left_padded([30, 17, 4], 97, gen)
+    dense, ours, _ = generate_both(model, ids, am, max_new_tokens=32, min_new_tokens=32, do_sample=False)
+    assert torch.equal(dense, ours)
+
+
+def test_beam_search_2(arch):
+    model = tiny_model(arch, qk_gain=3.0)
+    gen = torch.Generator().manual_seed(torch.seed() % 2**31)
+    ids, am = left_padded([25, 19], 97, gen)
+    dense, ours, _ = generate_both(
+        model, ids, am, max_new_tokens=24, min_new_tokens=24, do_sample=False, num_beams=2
+    )
+    assert torch.equal(dense, ours)
+
+
+def test_sampling_same_seed():
+    model = tiny_model("llama", qk_gain=3.0)
+    gen = torch.Generator().manual_seed(torch.seed() % 2**31)
+    ids, am = left_padded([20, 12], 97, gen)
+    dense, ours, _ = generate_both(
+        model, ids, am, max_new_tokens=20, min_new_tokens=20, do_sample=True, top_k=0, temperature=1.0
+    )
+    assert torch.equal(dense, ours)
+
+
+@pytest.mark.parametrize("sink,recent", [(8, 16), (0, 0), (40, 3)])
+def test_prompt_shorter_than_sink_plus_recent_full_mask(sink, recent):
+    model = tiny_model("llama", qk_gain=3.0)
+    gen = torch.Generator().manual_seed(torch.seed() % 2**31)
+    ids, am = left_padded([5, 2, 9], 97, gen)
+    dense, ours, _ = generate_both(
+        model, ids, am, sink=sink, recent=recent, chunk=2, max_new_tokens=30, min_new_tokens=30, do_sample=False
+    )
+    assert torch.equal(dense, ours)
+
+
+def test_cache_reset_and_reuse():
+    model = tiny_model("llama", qk_gain=3.0)
+    gen = torch.Generator().manual_seed(torch.seed() % 2**31)
+    ids, am = left_padded([20], 97, gen)
+    leank.enable(model)
+    mask = leank.ChannelMask.random(2, 2, 16, sparsity=0.5, alignment=4, generator=gen)
+    cache = leank.LeanKCache(model, mask, sink=2, recent=4, chunk=2)
+    kw = dict(input_ids=ids, attention_mask=am, max_new_tokens=12, do_sample=False, pad_token_id=0)
+    first = model.generate(**kw, **leank.cache_kwargs(cache))
+    cache.reset()
+    assert cache.get_seq_length() == 0 and cache.nbytes() == 0
+    again = model.generate(**kw, **leank.cache_kwargs(cache))
+    assert torch.equal(first, again)
