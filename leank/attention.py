@@ -69,7 +69,7 @@ def decode_attention_torch(query: torch.Tensor, layer: LeanKLayer, scaling: floa
     probs = torch.softmax(torch.cat(scores, dim=-1), dim=-1)
     out = qf.new_zeros(B, H, G, q, D)
     start = 0
-    for s, (kind, v) in zip(scores, values):
+    for s, (kind, v) in zip(scores, values, strict=True):
         p = probs[..., start : start + s.shape[-1]]
         start += s.shape[-1]
         if kind == "dense":
