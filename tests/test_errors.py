@@ -1,0 +1,133 @@
+"""Every user mistake gets a one-line LeanKError naming the problem and the fix."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import DynamicCache, GPT2Config
+
+import leank
+from leank.cli import main as cli_main
+from leank.errors import LeanKError
+from leank.masks import ChannelMask, binarize
+
+from .conftest import left_padded, tiny_model
+
+
+def one_line(excinfo) -> str:
+    message = str(excinfo.value)
+    assert "\n" not in message
+    return message
+
+
+def test_mask_for_another_model():
+    model = tiny_model("llama", layers=2, kv_heads=2, head_dim=16)
+    leank.enable(model)
+    for shape in [(3, 2, 16), (2, 4, 16), (2, 2, 32)]:
+        with pytest.raises(LeanKError, match="does not match the model") as e:
+            leank.LeanKCache(model, ChannelMask(torch.ones(shape, dtype=torch.bool), model="other"))
+        one_line(e)
+
+
+def test_unreadable_mask_file(tmp_path):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"this is not safetensors")
+    with pytest.raises(LeanKError, match="not a valid .safetensors") as e:
+        ChannelMask.load(bad)
+    one_line(e)
+    with pytest.raises(LeanKError, match="not found"):
+        ChannelMask.load(tmp_path / "missing.safetensors")
+
+
+def test_non_binary_mask_file(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"mask": torch.tensor([[[0, 1, 2, 1]]], dtype=torch.uint8)}, str(tmp_path / "m.safetensors"))
+    with pytest.raises(LeanKError, match="only 0 and 1"):
+        ChannelMask.load(tmp_path / "m.safetensors")
+    save_file({"mask": torch.rand(1, 1, 4)}, str(tmp_path / "f.safetensors"))
+    with pytest.raises(LeanKError, match="boolean"):
+        ChannelMask.load(tmp_path / "f.safetensors")
+    save_file({"other": torch.ones(1, 1, 4)}, str(tmp_path / "o.safetensors"))
+    with pytest.raises(LeanKError, match="no tensor named 'mask'"):
+        ChannelMask.load(tmp_path / "o.safetensors")
+
+
+@pytest.mark.parametrize("sparsity", [-0.1, 1.0, 1.5, float("nan")])
+def test_sparsity_out_of_range(sparsity):
+    with pytest.raises(LeanKError, match=r"sparsity must be in \[0, 1\)") as e:
+        binarize(torch.rand(1, 1, 16), sparsity=sparsity)
+    one_line(e)
+
+
+@pytest.mark.parametrize("alignment", [0, 3, 7, 32])
+def test_alignment_not_dividing_head_dim(alignment):
+    with pytest.raises(LeanKError, match="does not divide head_dim") as e:
+        binarize(torch.rand(1, 1, 16), sparsity=0.5, alignment=alignment)
+    one_line(e)
+
+
+def test_negative_sink_or_recent():
+    model = tiny_model("llama")
+    leank.enable(model)
+    mask = ChannelMask.full(2, 2, 16)
+    with pytest.raises(LeanKError, match="sink must be a non-negative"):
+        leank.LeanKCache(model, mask, sink=-1)
+    with pytest.raises(LeanKError, match="recent must be a non-negative"):
+        leank.LeanKCache(model, mask, recent=-5)
+    with pytest.raises(LeanKError, match="non-negative"):
+        ChannelMask(torch.ones(1, 1, 4, dtype=torch.bool), sink=-2)
+
+
+def test_unsupported_architecture():
+    with pytest.raises(LeanKError, match="not supported by LeanK") as e:
+        leank.models.check_supported(GPT2Config())
+    one_line(e)
+
+
+def test_mistral_sliding_window_refused():
+    from transformers import MistralConfig
+
+    with pytest.raises(LeanKError, match="sliding-window attention") as e:
+        leank.models.check_supported(MistralConfig(sliding_window=4096))
+    one_line(e)
+
+
+def test_cache_with_another_attention_backend():
+    model = tiny_model("llama")  # sdpa
+    with pytest.raises(LeanKError, match=r"call leank.enable\(model\)") as e:
+        leank.LeanKCache(model, ChannelMask.full(2, 2, 16))
+    one_line(e)
+    # switched away after the cache was built: refused at the first update, not deep in torch
+    leank.enable(model)
+    cache = leank.LeanKCache(model, ChannelMask.full(2, 2, 16))
+    model.set_attn_implementation("sdpa")
+    ids, am = left_padded([5], 97, torch.Generator().manual_seed(0))
+    with pytest.raises(LeanKError, match="needs the 'leank' attention"):
+        model(input_ids=ids, attention_mask=am, **leank.cache_kwargs(cache))
+
+
+def test_leank_attention_without_leank_cache_is_plain_sdpa():
+    model = tiny_model("llama", qk_gain=3.0)
+    ids, am = left_padded([12, 7], 97, torch.Generator().manual_seed(1))
+    ref = model(input_ids=ids, attention_mask=am, **leank.cache_kwargs(DynamicCache())).logits
+    leank.enable(model)
+    got = model(input_ids=ids, attention_mask=am, **leank.cache_kwargs(DynamicCache())).logits
+    torch.testing.assert_close(got, ref)
+
+
+def test_crop_refused():
+    layer = leank.LeanKLayer(torch.ones(2, 16, dtype=torch.bool), sink=1, recent=2, chunk=2)
+    with pytest.raises(LeanKError, match="cannot be cropped"):
+        layer.crop(-1)
+
+
+def test_unknown_backend():
+    with pytest.raises(LeanKError, match="unknown LeanK attention backend"):
+        leank.attention.pick_backend(torch.zeros(1), "cuda-magic")
+
+
+def test_cli_reports_errors_without_traceback(tmp_path, capsys):
+    assert cli_main(["info", str(tmp_path / "nope.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert "error: mask file not found" in err and "Traceback" not in err
