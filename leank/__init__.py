@@ -9,9 +9,10 @@
 The training code (``leank.train``) is not imported here.
 """
 
-from .attention import decode_attention, enable
+from .attention import enable
 from .cache import LeanKCache, LeanKLayer, cache_kwargs
 from .errors import LeanKError
+from .kernels import decode_attention
 from .masks import ChannelMask, binarize
 from .models import load_model, load_tokenizer
 from .resources import bundled_mask_path

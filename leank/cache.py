@@ -19,9 +19,9 @@ sink and pads are never counted there), a sink slot ``s`` iff ``pads[b] + s < w0
 left the window), a window slot iff its position is ``>= pads[b]``.
 
 The first ``update`` (the prompt) returns a handle whose attention is plain SDPA over
-the full prompt; the attention function then learns each row's padding from the mask,
-and the layer compresses everything but the window. Later updates append to the window
-and attend with :func:`leank.attention.decode_attention`.
+the full prompt; the handle then learns each row's padding from the mask, and the layer
+compresses everything but the window. Later updates append to the window and attend
+with :func:`leank.kernels.decode_attention`.
 
     cache = LeanKCache(model, mask)
     model.generate(**inputs, **cache_kwargs(cache), max_new_tokens=32)
@@ -34,19 +34,44 @@ from dataclasses import dataclass
 
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from .errors import LeanKError
+from .kernels import decode_attention
 from .masks import ChannelMask, check_window
 from .models import check_supported
 
 
 class LeanKHandle:
-    """What ``update`` returns instead of K/V tensors: the layer, for the attention function."""
+    """What ``update`` returns instead of K/V tensors; the ``"leank"`` attention function
+    calls :meth:`attend` on it."""
 
     __slots__ = ("layer",)
 
     def __init__(self, layer: LeanKLayer):
         self.layer = layer
+
+    def attend(self, module, query: torch.Tensor, attention_mask, *, scaling: float, dropout: float = 0.0):
+        """Attention output ``[B, q, H_q, D]`` for ``query`` ``[B, H_q, q, D]``."""
+        layer = self.layer
+        if layer.prefill_pending:
+            out, _ = sdpa_attention_forward(
+                module, query, layer.window_k, layer.window_v, attention_mask, scaling=scaling, dropout=dropout
+            )
+            layer.finish_prefill(pads_from_mask(attention_mask, query.shape[0], query.device))
+            return out
+        out = decode_attention(query, layer, scaling)
+        layer.evict()
+        return out.transpose(1, 2).contiguous()
+
+
+def pads_from_mask(attention_mask: torch.Tensor | None, batch: int, device) -> torch.Tensor:
+    """Leading pad tokens per row, read from the last query row of the prompt's mask."""
+    if attention_mask is None:
+        return torch.zeros(batch, dtype=torch.long, device=device)
+    row = attention_mask[:, 0, -1, :]
+    visible = row if row.dtype == torch.bool else row == 0
+    return visible.int().argmax(-1).expand(batch).to(torch.long)
 
 
 @dataclass

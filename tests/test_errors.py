@@ -124,7 +124,7 @@ def test_crop_refused():
 
 def test_unknown_backend():
     with pytest.raises(LeanKError, match="unknown LeanK attention backend"):
-        leank.attention.pick_backend(torch.zeros(1), "cuda-magic")
+        leank.kernels.pick_backend(torch.zeros(1), "cuda-magic")
 
 
 def test_cli_reports_errors_without_traceback(tmp_path, capsys):
