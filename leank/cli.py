@@ -1,4 +1,5 @@
-"""The ``leank`` command line: ``demo``, ``info``, ``calibrate``.
+"""The ``leank`` command line: ``demo``, ``info``, ``calibrate``, ``train``,
+``eval``, ``report``, ``analyze``.
 
     leank demo
     leank info MASK.safetensors
@@ -91,6 +92,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None)
     p.add_argument("--out", required=True)
     p.set_defaults(run=_calibrate)
+
+    from .analysis import register as register_analyze
+    from .eval.cli import register as register_eval
+    from .train.cli import register as register_train
+
+    register_train(sub)
+    register_eval(sub)
+    register_analyze(sub)
     return parser
 
 

@@ -1,0 +1,197 @@
+"""``leank report RESULTS_DIR``: the tables and plots of an evaluation directory.
+
+    write_report("runs/eval")   # → report.md, accuracy_vs_sparsity.png, agreement_vs_sparsity.png
+
+Reads every ``<method>/<task>/<length>/metrics.json`` the runner wrote, so a partially
+finished directory reports what is done (missing cells show ``–``; each average says how
+many tasks it covers), and ``agreement.json`` when it exists. Plots use matplotlib's Agg
+renderer (no display needed).
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+
+from .._io import atomic_write, atomic_write_text
+from ..data.tasks import TASKS
+from ..errors import LeanKError
+
+ACCURACY_PLOT = "accuracy_vs_sparsity.png"
+AGREEMENT_PLOT = "agreement_vs_sparsity.png"
+LINESTYLES = ("-", "--", "-.", ":")
+
+
+def collect_results(results_dir: str | Path) -> list[dict]:
+    """The metrics of every finished run under ``results_dir``, in path order."""
+    results = []
+    for path in sorted(Path(results_dir).glob("*/*/*/metrics.json")):
+        try:
+            results.append(json.loads(path.read_text(encoding="utf-8")))
+        except ValueError as err:
+            raise LeanKError(f"{path} is not valid JSON ({err}): delete it to re-run that configuration") from None
+    return results
+
+
+def _method_key(result: dict) -> tuple:
+    return (result["method"] != "full", result["family"], result["sparsity"], result["method"])
+
+
+def _task_key(task: str) -> tuple:
+    order = list(TASKS)
+    return (0, order.index(task), task) if task in order else (1, 0, task)
+
+
+def ordered_methods(results: list[dict]) -> list[str]:
+    return list(dict.fromkeys(r["method"] for r in sorted(results, key=_method_key)))
+
+
+def averages(results: list[dict]) -> dict[tuple[str, int], dict]:
+    """Per (method, length): mean score over its tasks, their count, family and sparsity."""
+    groups: dict[tuple[str, int], list[dict]] = defaultdict(list)
+    for r in results:
+        groups[r["method"], r["length"]].append(r)
+    return {
+        key: {"score": sum(r["score"] for r in rs) / len(rs), "tasks": len(rs), "family": rs[0]["family"],
+              "sparsity": rs[0]["sparsity"]}
+        for key, rs in groups.items()
+    }
+
+
+def _mib(n: float) -> str:
+    return f"{n / 2**20:.2f}"
+
+
+def accuracy_tables(results: list[dict]) -> str:
+    """Per length: task × method scores with sample counts, an average row, and each method's
+    sparsity, KV bytes and time."""
+    means = averages(results)
+    parts = []
+    for length in sorted({r["length"] for r in results}):
+        rows = [r for r in results if r["length"] == length]
+        methods = ordered_methods(rows)
+        tasks = sorted({r["task"] for r in rows}, key=_task_key)
+        cell = {(r["task"], r["method"]): r for r in rows}
+        lines = [f"### {length} tokens", "", "| task | " + " | ".join(methods) + " |",
+                 "|---|" + "---:|" * len(methods)]
+        for task in tasks:
+            cells = [f"{cell[task, m]['score']:.1f} (n={cell[task, m]['n']})" if (task, m) in cell else "–"
+                     for m in methods]
+            lines.append(f"| {task} | " + " | ".join(cells) + " |")
+        avg = [f"**{means[m, length]['score']:.1f}** ({means[m, length]['tasks']}/{len(tasks)} tasks)"
+               for m in methods]
+        lines += ["| **average** | " + " | ".join(avg) + " |", ""]
+        lines += ["| method | K sparsity | KV MiB / sample | KV vs dense | bytes | generate s |",
+                  "|---|---:|---:|---:|---|---:|"]
+        for m in methods:
+            rs = [r for r in rows if r["method"] == m]
+            n = sum(r["n"] for r in rs)
+            held = sum(r["kv_bytes_per_sample"] * r["n"] for r in rs)
+            dense = sum(r["dense_kv_bytes_per_sample"] * r["n"] for r in rs)
+            lines.append(f"| {m} | {rs[0]['sparsity']:.1%} | {_mib(held / n)} | {held / dense:.1%} | "
+                         f"{rs[0]['kv_bytes_kind']} | {sum(r['seconds'] for r in rs):.0f} |")
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts)
+
+
+def agreement_table(agreement: dict) -> str:
+    s = agreement["settings"]
+    lines = [f"Prefill {s['length']} tokens, then {s['steps']} teacher-forced steps, {s['windows']} windows "
+             "(mean ± standard error over windows).", "",
+             "| method | K sparsity | KL(full ‖ method), nats | top-1 agreement |", "|---|---:|---:|---:|"]
+    for e in agreement["methods"]:
+        lines.append(f"| {e['method']} | {e['sparsity']:.1%} | {e['kl_mean']:.4f} ± {e['kl_stderr']:.4f} | "
+                     f"{e['top1_mean']:.3f} ± {e['top1_stderr']:.3f} |")
+    return "\n".join(lines)
+
+
+def _figure(ncols: int = 1):
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise LeanKError("plots need matplotlib: pip install matplotlib") from None
+    fig = Figure(figsize=(6.5 * ncols, 4.5), layout="constrained")
+    return fig, fig.subplots(1, ncols, squeeze=False)[0]
+
+
+def _save(fig, path: Path) -> None:
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+
+
+def plot_accuracy(results: list[dict], path: Path) -> None:
+    """Average score over tasks against K sparsity: a line per method family and length;
+    the full cache as a horizontal line."""
+    fig, (ax,) = _figure()
+    lengths = sorted({r["length"] for r in results})
+    families = list(dict.fromkeys(r["family"] for r in sorted(results, key=_method_key)))
+    colors = {f: f"C{i}" for i, f in enumerate(families)}
+    curves: dict[tuple[str, int], list[tuple[float, float]]] = defaultdict(list)
+    for (_, length), mean in averages(results).items():
+        curves[mean["family"], length].append((mean["sparsity"], mean["score"]))
+    for (family, length), points in sorted(curves.items(), key=lambda item: (families.index(item[0][0]), item[0][1])):
+        style = LINESTYLES[lengths.index(length) % len(LINESTYLES)]
+        label = f"{family} @ {length}"
+        if family == "full":
+            ax.axhline(points[0][1], color="black", linestyle=style, linewidth=1, label=label)
+        else:
+            xs, ys = zip(*sorted(points), strict=True)
+            ax.plot(xs, ys, marker="o", color=colors[family], linestyle=style, label=label)
+    ax.set_xlim(-0.02, 1.0)
+    ax.set_xlabel("K channels pruned (sparsity)")
+    ax.set_ylabel("score, average over tasks")
+    ax.set_title("Accuracy vs sparsity")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    _save(fig, path)
+
+
+def plot_agreement(agreement: dict, path: Path) -> None:
+    """KL divergence and top-1 agreement against K sparsity, a line per method family."""
+    fig, (ax_kl, ax_top1) = _figure(2)
+    families: dict[str, list[dict]] = defaultdict(list)
+    for e in agreement["methods"]:
+        families[e["family"]].append(e)
+    for i, (family, entries) in enumerate(families.items()):
+        entries = sorted(entries, key=lambda e: e["sparsity"])
+        xs = [e["sparsity"] for e in entries]
+        for ax, key in ((ax_kl, "kl"), (ax_top1, "top1")):
+            ax.errorbar(xs, [e[f"{key}_mean"] for e in entries], yerr=[e[f"{key}_stderr"] for e in entries],
+                        marker="o", capsize=3, color=f"C{i}", label=family)
+    ax_kl.set_ylabel("KL(full ‖ method), nats / token")
+    ax_top1.set_ylabel("top-1 agreement with full")
+    for ax in (ax_kl, ax_top1):
+        ax.set_xlim(-0.02, 1.0)
+        ax.set_xlabel("K channels pruned (sparsity)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+    s = agreement["settings"]
+    fig.suptitle(f"Decode agreement with the full cache ({s['model']}, {s['length']}-token context)")
+    _save(fig, path)
+
+
+def write_report(results_dir: str | Path) -> Path:
+    """Write ``report.md`` and the plots into ``results_dir``; return the report's path."""
+    results_dir = Path(results_dir)
+    results = collect_results(results_dir)
+    agreement_path = results_dir / "agreement.json"
+    agreement = json.loads(agreement_path.read_text(encoding="utf-8")) if agreement_path.is_file() else None
+    if not results and agreement is None:
+        raise LeanKError(f"{results_dir} holds no finished runs (<method>/<task>/<length>/metrics.json): "
+                         "run `leank eval` first")
+    models = sorted({r["model"] for r in results} | ({agreement["settings"]["model"]} if agreement else set()))
+    sections = [f"# Evaluation report: {', '.join(models)}", ""]
+    if results:
+        envs = sorted({f"{r['gpu'] or r['device']}, {r['dtype']}, torch {r['versions']['torch']}, "
+                       f"transformers {r['versions']['transformers']}" for r in results})
+        sections += [f"Scores are RULER's metrics in percent (n = samples). Run on: {'; '.join(envs)}.", ""]
+        commands = sorted({r["command"] for r in results if r.get("command")})
+        sections += [f"Command: `{c}`" for c in commands] + ([""] if commands else [])
+        plot_accuracy(results, results_dir / ACCURACY_PLOT)
+        sections += ["## Task scores", "", accuracy_tables(results), "", f"![accuracy vs sparsity]({ACCURACY_PLOT})",
+                     ""]
+    if agreement:
+        plot_agreement(agreement, results_dir / AGREEMENT_PLOT)
+        sections += ["## Decode agreement with the full cache", "", agreement_table(agreement), "",
+                     f"![agreement vs sparsity]({AGREEMENT_PLOT})", ""]
+    return atomic_write_text(results_dir / "report.md", "\n".join(sections))

@@ -1,0 +1,206 @@
+"""ThinK (Xu et al., 2024, arXiv 2407.21018) as an evaluation baseline: K-channel pruning
+chosen per prompt from its queries, simulated exactly.
+
+After the dense prompt attention, each (row, KV head) keeps the ``round((1 - s) * D)``
+channels with the largest ``||Q_win[:, c]|| * ||K[:, c]||``: ``Q_win`` is the last
+``window`` prompt queries of the query heads sharing the KV head, ``K`` every real prompt
+key. Decode queries then see a row's first ``sink`` real tokens and its last ``recent``
+tokens in full, and every other key (prompt or generated) through the row's kept
+channels only: the same split as LeanK, with a mask per prompt instead of a static one.
+
+The cache stores full K and V (storing them compactly is not what this baseline
+measures); :meth:`ThinKCache.ideal_nbytes` is what a compact store would hold.
+
+    cache = ThinKCache(model, sparsity=0.7)         # model with the "leank" attention
+    model.generate(**inputs, **leank.cache_kwargs(cache))
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import Cache, DynamicLayer
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+from ..attention import ATTN_NAME
+from ..cache import pads_from_mask
+from ..errors import LeanKError
+from ..masks import DEFAULT_RECENT, DEFAULT_SINK, check_sparsity, check_window
+from ..models import check_supported
+
+DEFAULT_WINDOW = 32
+
+
+def kept_channel_count(sparsity: float, head_dim: int) -> int:
+    """Channels ThinK keeps per head: ``round((1 - sparsity) * head_dim)``, at least one."""
+    keep = round((1 - check_sparsity(sparsity)) * head_dim)
+    if keep < 1:
+        raise LeanKError(f"ThinK at sparsity {sparsity} keeps no channel of {head_dim}: use a lower sparsity")
+    return keep
+
+
+def select_channels(
+    query: torch.Tensor, keys: torch.Tensor, pads: torch.Tensor, *, keep: int, window: int
+) -> torch.Tensor:
+    """ThinK's kept channels per row and KV head, bool ``[B, H_kv, D]``.
+
+    ``query`` ``[B, H_q, T, D]`` and ``keys`` ``[B, H_kv, T, D]`` are the prompt's post-RoPE
+    queries and keys; ``pads`` ``[B]`` each row's leading pad tokens (never scored).
+    """
+    B, Hq, T, D = query.shape
+    H = keys.shape[1]
+    real = torch.arange(T, device=keys.device)[None] >= pads[:, None]  # [B, T]
+    q = query[:, :, -window:].float() * real[:, None, -window:, None]
+    q_norm = q.view(B, H, Hq // H, -1, D).pow(2).sum(dim=(2, 3)).sqrt()
+    k_norm = (keys.float() * real[:, None, :, None]).pow(2).sum(dim=2).sqrt()
+    top = (q_norm * k_norm).topk(keep, dim=-1).indices
+    return torch.zeros(B, H, D, dtype=torch.bool, device=keys.device).scatter_(-1, top, True)
+
+
+def masked_attention(
+    query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, kept: torch.Tensor, pads: torch.Tensor,
+    *, sink: int, recent: int, scaling: float,
+) -> torch.Tensor:
+    """Attention of the last ``q`` tokens ``[B, H_q, q, D]`` over all ``T`` cached tokens → ``[B, q, H_q, D]``.
+
+    Key ``p`` is seen in full by query position ``t`` when it is among the row's first
+    ``sink`` real tokens or among the last ``recent`` tokens up to ``t``; otherwise only its
+    ``kept`` ``[B, H_kv, D]`` channels count. Computed in fp32.
+    """
+    B, Hq, q, D = query.shape
+    H, T = keys.shape[1], keys.shape[2]
+    qf = query.float().view(B, H, Hq // H, q, D)
+    k = keys.float()
+    full = torch.einsum("bhgqd,bhtd->bhgqt", qf, k)
+    pruned = torch.einsum("bhgqd,bhtd->bhgqt", qf * kept[:, :, None, None, :], k)
+    pos = torch.arange(T, device=keys.device)
+    qpos = T - q + torch.arange(q, device=keys.device)
+    offset = pos[None] - pads[:, None]  # [B, T] position within the row's real tokens
+    in_full = (offset < sink)[:, None, :] | (pos[None, :] > qpos[:, None] - recent)[None]  # [B, q, T]
+    visible = (offset >= 0)[:, None, :] & (pos[None, :] <= qpos[:, None])[None]
+    scores = torch.where(in_full[:, None, None], full, pruned) * scaling
+    scores = scores.masked_fill(~visible[:, None, None], float("-inf"))
+    out = torch.einsum("bhgqt,bhtd->bhgqd", torch.softmax(scores, dim=-1), values.float())
+    return out.reshape(B, Hq, q, D).transpose(1, 2).contiguous().to(query.dtype)
+
+
+class ThinKHandle:
+    """What :meth:`ThinKLayer.update` returns; the ``"leank"`` attention calls :meth:`attend`."""
+
+    __slots__ = ("layer",)
+
+    def __init__(self, layer: ThinKLayer):
+        self.layer = layer
+
+    def attend(self, module, query: torch.Tensor, attention_mask, *, scaling: float, dropout: float = 0.0):
+        """Attention output ``[B, q, H_q, D]`` for ``query`` ``[B, H_q, q, D]``."""
+        layer = self.layer
+        if layer.prefill_pending:
+            out, _ = sdpa_attention_forward(
+                module, query, layer.keys, layer.values, attention_mask, scaling=scaling, dropout=dropout
+            )
+            layer.pads = pads_from_mask(attention_mask, query.shape[0], query.device)
+            layer.kept = select_channels(query, layer.keys, layer.pads, keep=layer.keep, window=layer.window)
+            layer.prefill_pending = False
+            return out
+        return masked_attention(
+            query, layer.keys, layer.values, layer.kept, layer.pads,
+            sink=layer.sink, recent=layer.recent, scaling=scaling,
+        )
+
+
+class ThinKLayer(DynamicLayer):
+    """Full K/V (as :class:`DynamicLayer`) plus each row's kept channels ``kept`` ``[B, H_kv, D]``
+    and leading pads ``pads`` ``[B]``, both set by the prompt's attention."""
+
+    is_croppable = False
+
+    def __init__(self, *, keep: int, window: int, sink: int, recent: int):
+        super().__init__()
+        self.keep, self.window, self.sink, self.recent = keep, window, sink, recent
+        self.kept: torch.Tensor | None = None
+        self.pads: torch.Tensor | None = None
+        self.prefill_pending = False
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        self.prefill_pending = self.get_seq_length() == 0
+        super().update(key_states, value_states)
+        handle = ThinKHandle(self)
+        return handle, handle
+
+    def reset(self) -> None:
+        # Dropped, not zeroed: transformers 5.17's DynamicLayer.reset keeps stale lengths.
+        self.keys = self.values = self.kept = self.pads = None
+        self.is_initialized = self.prefill_pending = False
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise LeanKError("a ThinK cache cannot be cropped (assisted/speculative decoding): use a DynamicCache")
+
+    def _map_rows(self, fn) -> None:
+        self.keys, self.values = fn(self.keys), fn(self.values)
+        if self.kept is not None:
+            self.kept, self.pads = fn(self.kept), fn(self.pads)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        if self.get_seq_length():
+            self._map_rows(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.get_seq_length():
+            self._map_rows(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.get_seq_length():
+            self._map_rows(lambda t: t[indices])
+
+    def ideal_nbytes(self) -> int:
+        """Bytes a compact ThinK store would hold: per row, sink and recent tokens in full, the
+        other tokens with ``keep`` K channels and full V."""
+        if not self.get_seq_length() or self.pads is None:
+            return 0
+        _, H, seen, D = self.keys.shape
+        total = 0
+        for pad in self.pads.tolist():
+            n = seen - pad
+            full = min(self.sink, n) + min(self.recent, max(0, n - self.sink))
+            total += full * 2 * H * D + (n - full) * H * (self.keep + D)
+        return total * self.keys.element_size()
+
+    def dense_nbytes(self) -> int:
+        """Bytes of the full K and V held (padding included, as a DynamicCache)."""
+        if not self.get_seq_length():
+            return 0
+        return 2 * self.keys.numel() * self.keys.element_size()
+
+
+class ThinKCache(Cache):
+    """A transformers ``Cache`` of :class:`ThinKLayer` for a model with the ``"leank"`` attention.
+
+    ``sparsity``: fraction of K channels pruned per head for middle tokens; ``window``:
+    prompt queries scored (default 32); ``sink``/``recent``: LeanK's defaults.
+    """
+
+    def __init__(
+        self, model_or_config, *, sparsity: float, window: int = DEFAULT_WINDOW, sink: int = DEFAULT_SINK,
+        recent: int = DEFAULT_RECENT,
+    ):
+        config = getattr(model_or_config, "config", model_or_config)
+        check_supported(config)
+        impl = getattr(config, "_attn_implementation", None)
+        if impl != ATTN_NAME:
+            raise LeanKError(f"ThinKCache needs the 'leank' attention, but the model uses {impl!r}: "
+                             "call leank.enable(model) first")
+        check_window(sink, recent)
+        if not isinstance(window, int) or window < 1:
+            raise LeanKError(f"ThinK's query window must be a positive number of tokens, got {window!r}")
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.sparsity, self.window, self.sink, self.recent = sparsity, window, sink, recent
+        keep = kept_channel_count(sparsity, head_dim)
+        super().__init__(layers=[
+            ThinKLayer(keep=keep, window=window, sink=sink, recent=recent) for _ in range(config.num_hidden_layers)
+        ])
+
+    def ideal_nbytes(self) -> int:
+        return sum(layer.ideal_nbytes() for layer in self.layers)
+
+    def dense_nbytes(self) -> int:
+        return sum(layer.dense_nbytes() for layer in self.layers)

@@ -1,0 +1,49 @@
+"""``leank train``: the command-line front of :func:`leank.train.train`."""
+
+from __future__ import annotations
+
+import json
+
+from ..masks import DEFAULT_RECENT, DEFAULT_SINK
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("train", help="learn LeanK masks (two-stage distillation, GPU)")
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--sparsity", type=float, nargs="+", default=[0.7], help="target sparsities (one stage 2 each)")
+    p.add_argument("--align", type=int, default=16, help="per-head kept counts are multiples of this")
+    p.add_argument("--out", required=True, help="run directory")
+    p.add_argument("--steps1", type=int, default=2000, help="stage-1 steps")
+    p.add_argument("--steps2", type=int, default=200, help="stage-2 steps per sparsity")
+    p.add_argument("--lr1", type=float, default=0.02)
+    p.add_argument("--lr2", type=float, default=0.01)
+    p.add_argument("--reg", type=float, default=0.06, help="λ of the L1 penalty in stage 1")
+    p.add_argument("--min-length", type=int, default=4096)
+    p.add_argument("--max-length", type=int, default=8192)
+    p.add_argument("--sink", type=int, default=DEFAULT_SINK)
+    p.add_argument("--recent", type=int, default=DEFAULT_RECENT)
+    p.add_argument("--batch", type=int, default=1, help="samples per optimiser step")
+    p.add_argument("--corpus", default=None, help="text file or directory replacing the bundled prose")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--checkpoint-every", type=int, default=100)
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--workers", type=int, default=2, help="data-generation worker processes")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.set_defaults(run=_run)
+
+
+def _run(args) -> int:
+    from .config import TrainConfig
+    from .trainer import train
+
+    cfg = TrainConfig(
+        model=args.model, out=args.out, sparsities=tuple(args.sparsity), alignment=args.align, sink=args.sink,
+        recent=args.recent, min_length=args.min_length, max_length=args.max_length, stage1_steps=args.steps1,
+        stage2_steps=args.steps2, lr1=args.lr1, lr2=args.lr2, reg=args.reg, batch=args.batch, corpus=args.corpus,
+        seed=args.seed, checkpoint_every=args.checkpoint_every, device=args.device, dtype=args.dtype,
+        workers=args.workers,
+    )
+    summary = train(cfg, resume=args.resume)
+    print(json.dumps({k: v for k, v in summary.items() if k != "config"}, indent=2))
+    return 0

@@ -1,0 +1,106 @@
+"""Configuration of mask training (both stages), validated on creation."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from ..errors import LeanKError
+from ..masks import DEFAULT_RECENT, DEFAULT_SINK, check_sparsity, check_window
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Two-stage LeanK distillation (DESIGN.md §1).
+
+    Defaults follow the paper's recipe (λ 0.06, AdamW lr 0.02, 2000 stage-1 steps; stage 2
+    lr 0.01, 200 steps, λ 0), with two changes for any model size: the distillation loss
+    is the MSE of final hidden states *relative to the teacher's mean square* (so λ means
+    the same for every hidden size), and contexts of 4K–8K tokens (SmolLM2's range).
+    """
+
+    model: str = "smollm2-135m"
+    out: str = "runs/leank"
+    sparsities: tuple[float, ...] = (0.7,)
+    alignment: int = 16
+    sink: int = DEFAULT_SINK
+    recent: int = DEFAULT_RECENT
+    min_length: int = 4096
+    max_length: int = 8192
+    stage1_steps: int = 2000
+    stage2_steps: int = 200
+    lr1: float = 0.02
+    lr2: float = 0.01
+    reg: float = 0.06
+    batch: int = 1  # samples per optimiser step (gradient accumulation)
+    warmup: float = 0.2  # fraction of steps with linear lr warm-up from lr_floor
+    decay: float = 0.2  # fraction of final steps with linear decay to lr_floor
+    lr_floor: float = 0.1
+    kinds: tuple[str, ...] = ("passkey", "multikey", "multivalue")
+    haystacks: tuple[str, ...] = ("filler", "prose", "distractor")
+    corpus: str | None = None
+    seed: int = 0
+    checkpoint_every: int = 100
+    device: str = "cuda"
+    dtype: str = "bfloat16"
+    workers: int = 2
+    validation_samples: int = 16  # held-out samples for the before/after-binarisation losses
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "sparsities", tuple(check_sparsity(s) for s in self.sparsities))
+        if not self.sparsities:
+            raise LeanKError("give at least one target sparsity, e.g. --sparsity 0.7")
+        if not isinstance(self.alignment, int) or self.alignment < 1:
+            raise LeanKError(f"alignment must be a positive integer, got {self.alignment!r}")
+        check_window(self.sink, self.recent)
+        for name in ("stage1_steps", "stage2_steps"):
+            if getattr(self, name) < 0:
+                raise LeanKError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("lr1", "lr2", "batch", "checkpoint_every"):
+            if getattr(self, name) <= 0:
+                raise LeanKError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.reg < 0:
+            raise LeanKError(f"reg (λ) must be >= 0, got {self.reg}")
+        if not (0 <= self.warmup <= 1 and 0 <= self.decay <= 1 and self.warmup + self.decay <= 1):
+            raise LeanKError("warmup and decay are fractions of the steps and must add up to at most 1")
+        if self.min_length <= self.sink + self.recent:
+            raise LeanKError(
+                f"min_length {self.min_length} leaves no middle tokens with sink {self.sink} + recent "
+                f"{self.recent}: raise --min-length"
+            )
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    # Fields that must match to resume a run (the rest, e.g. workers or device, may change).
+    RESUME_KEYS = (
+        "model",
+        "alignment",
+        "sink",
+        "recent",
+        "min_length",
+        "max_length",
+        "stage1_steps",
+        "lr1",
+        "lr2",
+        "stage2_steps",
+        "reg",
+        "batch",
+        "warmup",
+        "decay",
+        "lr_floor",
+        "kinds",
+        "haystacks",
+        "corpus",
+        "seed",
+    )
+
+    def lr_factor(self, step: int, steps: int) -> float:
+        """Warm-up from ``lr_floor`` to 1 over the first ``warmup`` fraction, flat, then
+        linear decay back to ``lr_floor`` over the last ``decay`` fraction."""
+        warm, dec = self.warmup * steps, self.decay * steps
+        if warm and step < warm:
+            return self.lr_floor + (1 - self.lr_floor) * step / warm
+        if dec and step >= steps - dec:
+            return self.lr_floor + (1 - self.lr_floor) * (steps - 1 - step) / dec
+        return 1.0

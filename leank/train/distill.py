@@ -1,0 +1,176 @@
+"""The distillation objective: the frozen model with channel scales on middle keys.
+
+Prompt queries attend with full K (as the deployed cache does), so the student's hidden
+states on the prompt equal the teacher's, and only the *decode region* (question and
+answer, positions ``>= context_end``) differs. One training example therefore costs a
+no-grad teacher pass over the whole sequence plus a student pass over the decode region
+only, attending to the teacher's prompt K/V:
+
+* query ``i`` sees key ``j <= i`` with full K when ``j < sink`` or ``j >= i - recent``
+  (relative to each query, like the cache), and through ``scale ⊙ K`` otherwise;
+* in the binary stage, KV heads whose mask keeps no channel ignore middle keys entirely
+  (as the deployed cache does), instead of attending to them with zero logits.
+
+Loss = ||h_student − h_teacher||² / ||h_teacher||² over the final hidden states that
+predict the answer tokens (relative MSE: the same λ suits any hidden size).
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import DynamicCache
+from transformers.cache_utils import Cache, DynamicLayer
+
+from ..cache import cache_kwargs
+from ..masks import aligned_counts, mask_from_counts
+
+
+class _ScaledHandle:
+    __slots__ = ("layer", "keys", "values")
+
+    def __init__(self, layer: ScaledPromptLayer, keys: torch.Tensor, values: torch.Tensor):
+        self.layer, self.keys, self.values = layer, keys, values
+
+    def attend(self, module, query: torch.Tensor, attention_mask, *, scaling: float, dropout: float = 0.0):
+        layer = self.layer
+        K, V = self.keys, self.values  # [B, H, T, D]
+        B, Hq, q, D = query.shape
+        H, T = K.shape[1], K.shape[2]
+        G = Hq // H
+        qf = query.float().view(B, H, G, q, D)
+        scale = layer.scale.to(torch.float32)  # [H, D]
+        full = torch.einsum("bhgqd,bhkd->bhgqk", qf, K.float()) * scaling
+        scaled = torch.einsum("bhgqd,bhkd->bhgqk", qf * scale[None, :, None, None, :], K.float()) * scaling
+        i = T - q + torch.arange(q, device=K.device)[:, None]
+        j = torch.arange(T, device=K.device)[None, :]
+        causal = j <= i
+        use_full = (j < layer.sink) | (j >= i - layer.recent)
+        scores = torch.where(use_full, full, scaled)
+        visible = causal[None, None, None].expand(B, H, G, q, T)
+        if layer.empty_heads is not None:  # binary stage: heads keeping nothing skip middle keys
+            visible = visible & (use_full | ~layer.empty_heads[None, :, None, None, None])
+        probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)
+        out = torch.einsum("bhgqk,bhkd->bhgqd", probs, V.float())
+        return out.view(B, Hq, q, D).to(query.dtype).transpose(1, 2).contiguous()
+
+
+class ScaledPromptLayer(DynamicLayer):
+    """Holds the teacher's prompt K/V of one layer; the decode-region forward appends to a
+    copy (never stored) and attends through :class:`_ScaledHandle`."""
+
+    def __init__(
+        self,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        scale: torch.Tensor,
+        *,
+        sink: int,
+        recent: int,
+        empty_heads: torch.Tensor | None,
+    ):
+        super().__init__()
+        self.prompt_k, self.prompt_v, self.scale = keys, values, scale
+        self.sink, self.recent, self.empty_heads = sink, recent, empty_heads
+        self.is_initialized = True
+        self.length = keys.shape[2]
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        handle = _ScaledHandle(
+            self, torch.cat([self.prompt_k, key_states], 2), torch.cat([self.prompt_v, value_states], 2)
+        )
+        return handle, handle
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.length + query_length, 0
+
+
+def binary_scale(alpha: torch.Tensor, sparsity: float, alignment: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Straight-through binarisation of α ``[L, H, D]``: forward value the aligned binary
+    mask (the rule of :func:`leank.masks.binarize`), gradient the identity to α.
+    Returns (scale, empty_heads bool [L, H])."""
+    counts = aligned_counts(alpha, sparsity, alignment)
+    hard = mask_from_counts(alpha, counts).to(alpha.device, alpha.dtype)
+    return hard + (alpha - alpha.detach()), (counts == 0).to(alpha.device)
+
+
+def prompt_cache(model, sample_ids: torch.Tensor, context_end: int) -> DynamicCache:
+    """The frozen model's K/V for the prompt ``[:, :context_end]`` (no grad)."""
+    cache = DynamicCache()
+    with torch.no_grad():
+        _decoder(model)(input_ids=sample_ids[:, :context_end], use_cache=True, **cache_kwargs(cache))
+    return cache
+
+
+def decode_hidden(
+    model,
+    sample_ids: torch.Tensor,
+    prompt: DynamicCache,
+    scale: torch.Tensor,
+    *,
+    sink: int,
+    recent: int,
+    empty_heads: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Final hidden states ``[1, T - P, hidden]`` of the decode region with ``scale`` on middle keys."""
+    context_end = prompt.get_seq_length()
+    layers = [
+        ScaledPromptLayer(
+            layer.keys,
+            layer.values,
+            scale[idx],
+            sink=sink,
+            recent=recent,
+            empty_heads=None if empty_heads is None else empty_heads[idx],
+        )
+        for idx, layer in enumerate(prompt.layers)
+    ]
+    positions = torch.arange(context_end, sample_ids.shape[1], device=sample_ids.device)[None]
+    out = _decoder(model)(
+        input_ids=sample_ids[:, context_end:],
+        position_ids=positions,
+        use_cache=True,
+        **cache_kwargs(Cache(layers=layers)),
+    )
+    return out.last_hidden_state
+
+
+def distill_loss(
+    model,
+    sample_ids: torch.Tensor,
+    context_end: int,
+    answer_mask: torch.Tensor,
+    scale: torch.Tensor,
+    *,
+    sink: int,
+    recent: int,
+    empty_heads: torch.Tensor | None = None,
+    prompt: DynamicCache | None = None,
+    teacher: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Relative hidden-state MSE of one sample ``[1, T]``, differentiable w.r.t. ``scale``
+    ``[L, H, D]``, on the positions that predict answer tokens.
+
+    The teacher is the same decode-region computation with every scale 1 (exactly the
+    full attention, through the same arithmetic), so the loss is 0 at α = 1 in any dtype.
+    ``prompt``/``teacher`` may be passed in to reuse them across calls on one sample.
+    """
+    predict = answer_mask[1:].nonzero().flatten()
+    predict = predict[predict >= context_end] - context_end
+    if predict.numel() == 0:
+        raise ValueError("the sample has no answer token after its context")
+    prompt = prompt if prompt is not None else prompt_cache(model, sample_ids, context_end)
+    kw = dict(sink=sink, recent=recent)
+    if teacher is None:
+        with torch.no_grad():
+            teacher = decode_hidden(model, sample_ids, prompt, torch.ones_like(scale), **kw)
+    student = decode_hidden(model, sample_ids, prompt, scale, empty_heads=empty_heads, **kw)
+    s = student[0, predict].float()
+    t = teacher[0, predict].float()
+    return (s - t).pow(2).mean() / t.pow(2).mean().clamp_min(1e-12)
+
+
+def _decoder(model):
+    return model.get_decoder() if hasattr(model, "get_decoder") else model.model

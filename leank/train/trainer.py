@@ -1,0 +1,326 @@
+"""The two-stage training loop: checkpoints, resume, logs, outputs.
+
+    from leank.train import TrainConfig, train
+    summary = train(TrainConfig(model="smollm2-135m", sparsities=(0.7, 0.8), out="runs/smollm2"))
+
+Outputs in ``cfg.out``: ``config.json``, ``log.jsonl`` (one line per step), ``alpha.safetensors``
+(stage-1 α, tensor ``alpha``), ``mask-0.70.safetensors`` per target sparsity,
+``summary.json`` (losses before/after binarisation on held-out samples, wall times),
+``loss.png`` and ``alpha.png``, and ``checkpoints/`` (atomic, every ``checkpoint_every``
+steps; a killed run continues bit for bit with ``resume=True``).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .._io import atomic_write, atomic_write_json
+from ..errors import LeanKError
+from ..masks import binarize
+from .config import TrainConfig
+from .distill import binary_scale, distill_loss, prompt_cache
+
+
+class _Samples(torch.utils.data.Dataset):
+    """Sample ``i`` of a stage is a pure function of (data seed, i): resumable anywhere."""
+
+    def __init__(self, tokenizer, cfg: TrainConfig, seed: int, length: int):
+        from ..data.training import TrainDataConfig, TrainSampler
+
+        data_cfg = TrainDataConfig(
+            min_length=cfg.min_length,
+            max_length=cfg.max_length,
+            kinds=cfg.kinds,
+            haystacks=cfg.haystacks,
+            corpus=cfg.corpus,
+            seed=seed,
+        )
+        self.sampler, self.length = TrainSampler(tokenizer, data_cfg), length
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int):
+        if not 0 <= index < self.length:
+            raise IndexError(index)
+        s = self.sampler.sample_at(index)
+        return s.input_ids, s.context_end, s.answer_mask
+
+
+def _loader(dataset, start: int, workers: int):
+    indices = range(start, len(dataset))
+    return torch.utils.data.DataLoader(
+        torch.utils.data.Subset(dataset, indices),
+        batch_size=None,
+        num_workers=workers,
+        prefetch_factor=4 if workers else None,
+        persistent_workers=False,
+    )
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, *, resume: bool = False, progress: bool = True):
+        self.cfg, self.progress = cfg, progress
+        self.out = Path(cfg.out)
+        self.ckpt_dir = self.out / "checkpoints"
+        self._check_out_dir(resume)
+        self.device = torch.device(cfg.device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise LeanKError(
+                "training needs a CUDA GPU and none is visible: run on a GPU machine, "
+                "or pass --device cpu to train (slowly) on the CPU"
+            )
+        from ..models import load_model
+
+        self.model, self.tokenizer = load_model(cfg.model, device=self.device, dtype=cfg.dtype)
+        self.model.requires_grad_(False)
+        limit = getattr(self.model.config, "max_position_embeddings", None)
+        if limit is not None and cfg.max_length > limit:
+            raise LeanKError(
+                f"max_length {cfg.max_length} exceeds the model's maximum context {limit}: lower --max-length"
+            )
+        cfgm = self.model.config
+        head_dim = getattr(cfgm, "head_dim", None) or cfgm.hidden_size // cfgm.num_attention_heads
+        if head_dim % cfg.alignment:
+            raise LeanKError(f"alignment {cfg.alignment} does not divide head_dim {head_dim}: use e.g. 16")
+        self.shape = (cfgm.num_hidden_layers, cfgm.num_key_value_heads, head_dim)
+        atomic_write_json(self.out / "config.json", cfg.to_dict())
+
+    def _check_out_dir(self, resume: bool) -> None:
+        saved = self.out / "config.json"
+        if not saved.exists():
+            return
+        if not resume:
+            raise LeanKError(f"{self.out} already holds a run: pass --resume to continue it or choose another --out")
+        old = json.loads(saved.read_text())
+        new = self.cfg.to_dict()
+        diff = [k for k in TrainConfig.RESUME_KEYS if json.dumps(old.get(k)) != json.dumps(new.get(k))]
+        if diff:
+            raise LeanKError(
+                f"cannot resume {self.out}: it was started with different {', '.join(diff)} "
+                "(use the same settings or another --out)"
+            )
+
+    # ---- logging ------------------------------------------------------------------
+    def _log(self, record: dict) -> None:
+        with open(self.out / "log.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def _truncate_log(self, stage: str, after_step: int) -> None:
+        """Drop log lines a killed run wrote after its last checkpoint (they are redone)."""
+        path = self.out / "log.jsonl"
+        if not path.exists():
+            return
+        lines = [
+            ln
+            for ln in path.read_text().splitlines()
+            if not (json.loads(ln)["stage"] == stage and json.loads(ln)["step"] > after_step)
+        ]
+        atomic_write(path, lambda tmp: Path(tmp).write_text("".join(ln + "\n" for ln in lines)))
+
+    # ---- one stage ----------------------------------------------------------------
+    def run_stage(
+        self,
+        stage: str,
+        init: torch.Tensor,
+        *,
+        steps: int,
+        lr: float,
+        reg: float,
+        sparsity: float | None,
+        data_seed: int,
+    ) -> torch.Tensor:
+        cfg = self.cfg
+        ckpt = self.ckpt_dir / f"{stage}.pt"
+        alpha = init.clone().to(self.device, torch.float32).requires_grad_(True)
+        opt = torch.optim.AdamW([alpha], lr=lr, weight_decay=0.0)
+        start = 0
+        if ckpt.exists():
+            state = torch.load(ckpt, map_location=self.device, weights_only=True)
+            with torch.no_grad():
+                alpha.copy_(state["alpha"])
+            opt.load_state_dict(state["optimizer"])
+            start = state["step"]
+            if start >= steps:
+                return alpha.detach()
+        self._truncate_log(stage, start - 1)
+        dataset = _Samples(self.tokenizer, cfg, data_seed, steps * cfg.batch)
+        batches = iter(_loader(dataset, start * cfg.batch, cfg.workers))
+        bar = tqdm(range(start, steps), desc=stage, disable=not self.progress, initial=start, total=steps)
+        for step in bar:
+            for group in opt.param_groups:
+                group["lr"] = lr * cfg.lr_factor(step, steps)
+            opt.zero_grad(set_to_none=True)
+            if sparsity is None:
+                scale, empty = alpha, None
+            else:
+                scale, empty = binary_scale(alpha, sparsity, cfg.alignment)
+            distill = 0.0
+            for _ in range(cfg.batch):
+                ids, context_end, answer_mask = next(batches)
+                loss = self._sample_loss(ids, int(context_end), answer_mask, scale, empty) / cfg.batch
+                loss.backward(retain_graph=sparsity is not None)
+                distill += loss.item()
+            penalty = reg * alpha.mean()
+            if reg:
+                penalty.backward()
+            opt.step()
+            with torch.no_grad():
+                alpha.clamp_(0.0, 1.0)
+            soft_sparsity = (
+                (alpha < 0.5).float().mean().item() if sparsity is None else 1 - scale.detach().mean().item()
+            )
+            record = {
+                "stage": stage,
+                "step": step,
+                "loss": distill + penalty.item(),
+                "distill": distill,
+                "reg": penalty.item(),
+                "sparsity": soft_sparsity,
+                "mean_alpha": alpha.mean().item(),
+                "lr": opt.param_groups[0]["lr"],
+            }
+            self._log(record)
+            bar.set_postfix(
+                loss=f"{record['loss']:.4f}",
+                distill=f"{distill:.4f}",
+                reg=f"{record['reg']:.4f}",
+                sparsity=f"{soft_sparsity:.2f}",
+            )
+            if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == steps:
+                self._save_checkpoint(ckpt, alpha, opt, step + 1)
+        return alpha.detach()
+
+    def _sample_loss(self, ids, context_end, answer_mask, scale, empty):
+        ids = ids.to(self.device)[None]
+        try:
+            return distill_loss(
+                self.model,
+                ids,
+                context_end,
+                answer_mask.to(self.device),
+                scale,
+                sink=self.cfg.sink,
+                recent=self.cfg.recent,
+                empty_heads=empty,
+            )
+        except torch.cuda.OutOfMemoryError:
+            raise LeanKError(
+                f"out of GPU memory on a {ids.shape[1]}-token sample: lower --max-length (or use --dtype bfloat16)"
+            ) from None
+
+    def _save_checkpoint(self, path: Path, alpha, opt, step: int) -> None:
+        state = {"alpha": alpha.detach().cpu(), "optimizer": opt.state_dict(), "step": step}
+        atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+    # ---- validation ---------------------------------------------------------------
+    @torch.no_grad()
+    def validation_loss(self, alpha: torch.Tensor, sparsity: float | None) -> float:
+        """Mean distillation loss on held-out samples (another data seed), continuous or binarised α."""
+        dataset = _Samples(self.tokenizer, self.cfg, self.cfg.seed + 10_000, self.cfg.validation_samples)
+        scale, empty = (alpha, None) if sparsity is None else binary_scale(alpha, sparsity, self.cfg.alignment)
+        total = 0.0
+        for ids, context_end, answer_mask in dataset:
+            ids = ids.to(self.device)[None]
+            prompt = prompt_cache(self.model, ids, context_end)
+            total += distill_loss(
+                self.model,
+                ids,
+                context_end,
+                answer_mask.to(self.device),
+                scale,
+                sink=self.cfg.sink,
+                recent=self.cfg.recent,
+                empty_heads=empty,
+                prompt=prompt,
+            ).item()
+        return total / len(dataset)
+
+
+def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> dict:
+    """Run stage 1 then stage 2 for every target sparsity; return the summary (also saved)."""
+    from safetensors.torch import save_file
+
+    trainer = Trainer(cfg, resume=resume, progress=progress)
+    summary: dict = {"config": cfg.to_dict(), "stages": {}}
+    t0 = time.perf_counter()
+    alpha = trainer.run_stage(
+        "stage1",
+        torch.ones(trainer.shape),
+        steps=cfg.stage1_steps,
+        lr=cfg.lr1,
+        reg=cfg.reg,
+        sparsity=None,
+        data_seed=cfg.seed,
+    )
+    alpha_cpu = alpha.cpu().contiguous()
+    atomic_write(
+        trainer.out / "alpha.safetensors",
+        lambda tmp: save_file({"alpha": alpha_cpu}, tmp, metadata={"model": cfg.model}),
+    )
+    hist = torch.histc(alpha_cpu, bins=10, min=0, max=1).tolist()
+    summary["stages"]["stage1"] = {
+        "seconds": round(time.perf_counter() - t0, 1),
+        "mean_alpha": alpha_cpu.mean().item(),
+        "alpha_histogram_10_bins": hist,
+        "validation_distill": trainer.validation_loss(alpha, None),
+    }
+    for index, sparsity in enumerate(cfg.sparsities):
+        t1 = time.perf_counter()
+        name = f"stage2-{sparsity:.2f}"
+        before = trainer.validation_loss(alpha, sparsity)
+        final = trainer.run_stage(
+            name, alpha, steps=cfg.stage2_steps, lr=cfg.lr2, reg=0.0, sparsity=sparsity, data_seed=cfg.seed + 1 + index
+        )
+        after = trainer.validation_loss(final, sparsity)
+        mask = binarize(
+            final.cpu(),
+            sparsity=sparsity,
+            alignment=cfg.alignment,
+            method="leank",
+            model=cfg.model,
+            sink=cfg.sink,
+            recent=cfg.recent,
+            info={
+                "stage1_steps": cfg.stage1_steps,
+                "stage2_steps": cfg.stage2_steps,
+                "reg": cfg.reg,
+                "lr1": cfg.lr1,
+                "lr2": cfg.lr2,
+                "lengths": [cfg.min_length, cfg.max_length],
+                "validation_distill": after,
+                "torch": torch.__version__,
+            },
+        )
+        mask.save(trainer.out / f"mask-{sparsity:.2f}.safetensors")
+        summary["stages"][name] = {
+            "seconds": round(time.perf_counter() - t1, 1),
+            "validation_distill_binarised_before": before,
+            "validation_distill_after": after,
+            "sparsity": mask.sparsity,
+            "fully_pruned_heads": mask.fully_pruned_heads,
+            "heads_by_kept_count": mask.count_histogram(),
+        }
+    summary["seconds_total"] = round(time.perf_counter() - t0, 1)
+    if torch.cuda.is_available() and trainer.device.type == "cuda":
+        summary["gpu"] = torch.cuda.get_device_name(trainer.device)
+    atomic_write_json(trainer.out / "summary.json", summary)
+    from .plots import plot_run
+
+    plot_run(trainer.out)
+    return summary
+
+
+def load_alpha(path: str | Path) -> torch.Tensor:
+    """Read ``alpha.safetensors`` (tensor ``alpha``, float ``[L, H, D]``)."""
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))["alpha"]
+    except Exception as e:
+        raise LeanKError(f"cannot read α from {path}: {e}") from None

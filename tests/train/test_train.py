@@ -1,0 +1,154 @@
+"""Mask training on CPU with a tiny random model and the real SmolLM2 tokenizer."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import leank
+from leank.errors import LeanKError
+from leank.masks import ChannelMask
+from leank.train import TrainConfig, train
+from leank.train.distill import binary_scale, distill_loss
+
+from ..conftest import tiny_model
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    """A tiny Llama with SmolLM2's tokenizer (vocabulary and chat template), saved to disk."""
+    try:
+        tokenizer = leank.load_tokenizer("smollm2-135m")
+    except LeanKError as e:
+        pytest.skip(str(e))
+    path = tmp_path_factory.mktemp("tiny")
+    model = tiny_model("llama", layers=2, kv_heads=2, groups=2, head_dim=16, vocab=len(tokenizer), qk_gain=3.0)
+    model.config.max_position_embeddings = 1024
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def config(tiny_dir, out, **kw) -> TrainConfig:
+    base = dict(model=str(tiny_dir), out=str(out), sparsities=(0.75,), alignment=4, sink=4, recent=8,
+                min_length=300, max_length=420, stage1_steps=6, stage2_steps=4, device="cpu", dtype="float32",
+                workers=0, checkpoint_every=2, validation_samples=2)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def a_sample(tiny_dir):
+    from leank.data.training import TrainDataConfig, TrainSampler
+
+    tok = leank.load_tokenizer(str(tiny_dir))
+    return TrainSampler(tok, TrainDataConfig(min_length=200, max_length=220, seed=3)).sample_at(0)
+
+
+def test_loss_zero_at_alpha_one_and_decreases_when_pruned(tiny_dir):
+    model, _ = leank.load_model(str(tiny_dir), device="cpu")
+    model.requires_grad_(False)
+    s = a_sample(tiny_dir)
+    ids = s.input_ids[None]
+    kw = dict(sink=4, recent=8)
+    ones = torch.ones(2, 2, 16)
+    assert distill_loss(model, ids, s.context_end, s.answer_mask, ones, **kw).item() == 0.0
+    alpha = torch.full((2, 2, 16), 0.2, requires_grad=True)
+    opt = torch.optim.Adam([alpha], lr=0.05)
+    losses = []
+    for _ in range(15):
+        opt.zero_grad()
+        loss = distill_loss(model, ids, s.context_end, s.answer_mask, alpha, **kw)
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            alpha.clamp_(0, 1)
+        losses.append(loss.item())
+    assert losses[0] > 1e-4
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_binary_scale_is_straight_through():
+    alpha = torch.rand(3, 2, 16, requires_grad=True)
+    scale, empty = binary_scale(alpha, 0.7, 4)
+    mask = leank.binarize(alpha.detach(), sparsity=0.7, alignment=4)
+    assert torch.equal(scale.detach() == 1, mask.kept)
+    assert torch.equal(empty, mask.kept_counts == 0)
+    (scale * torch.arange(96.0).view(3, 2, 16)).sum().backward()
+    assert torch.equal(alpha.grad, torch.arange(96.0).view(3, 2, 16))
+
+
+def test_two_stages_end_to_end(tiny_dir, tmp_path):
+    cfg = config(tiny_dir, tmp_path / "run", sparsities=(0.5, 0.75))
+    summary = train(cfg, progress=False)
+    for sparsity in (0.5, 0.75):
+        mask = ChannelMask.load(tmp_path / "run" / f"mask-{sparsity:.2f}.safetensors")
+        counts = mask.kept_counts
+        assert (counts % 4 == 0).all()
+        # the target up to rounding each head's count to the alignment (2 of 16 channels per head at most)
+        assert abs(mask.sparsity - sparsity) <= 2 / 16 + 1e-9
+        assert (mask.method, mask.sink, mask.recent, mask.alignment) == ("leank", 4, 8, 4)
+        assert summary["stages"][f"stage2-{sparsity:.2f}"]["sparsity"] == pytest.approx(mask.sparsity)
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if r["stage"] == "stage1"] == list(range(6))
+    assert {"loss", "distill", "reg", "sparsity"} <= set(log[0])
+    alpha = load_file(str(tmp_path / "run" / "alpha.safetensors"))["alpha"]
+    assert alpha.shape == (2, 2, 16) and alpha.min() >= 0 and alpha.max() <= 1 and alpha.mean() < 1
+    assert (tmp_path / "run" / "loss.png").stat().st_size > 0 and (tmp_path / "run" / "alpha.png").exists()
+
+
+def test_killed_and_resumed_equals_uninterrupted(tiny_dir, tmp_path, monkeypatch):
+    from leank.train import trainer as trainer_mod
+
+    train(config(tiny_dir, tmp_path / "a"), progress=False)
+
+    calls = {"n": 0}
+    original = trainer_mod.Trainer._sample_loss
+
+    def dying(self, *args):
+        calls["n"] += 1
+        if calls["n"] == 4:  # killed during stage-1 step 3 (checkpoint at step 2)
+            raise KeyboardInterrupt
+        return original(self, *args)
+
+    monkeypatch.setattr(trainer_mod.Trainer, "_sample_loss", dying)
+    with pytest.raises(KeyboardInterrupt):
+        train(config(tiny_dir, tmp_path / "b"), progress=False)
+    monkeypatch.setattr(trainer_mod.Trainer, "_sample_loss", original)
+    with pytest.raises(LeanKError, match="pass --resume"):
+        train(config(tiny_dir, tmp_path / "b"), progress=False)
+    train(config(tiny_dir, tmp_path / "b"), resume=True, progress=False)
+
+    a = load_file(str(tmp_path / "a" / "alpha.safetensors"))["alpha"]
+    b = load_file(str(tmp_path / "b" / "alpha.safetensors"))["alpha"]
+    assert torch.equal(a, b)
+    ma = ChannelMask.load(tmp_path / "a" / "mask-0.75.safetensors").kept
+    mb = ChannelMask.load(tmp_path / "b" / "mask-0.75.safetensors").kept
+    assert torch.equal(ma, mb)
+    steps_b = [json.loads(x)["step"] for x in (tmp_path / "b" / "log.jsonl").read_text().splitlines()
+               if json.loads(x)["stage"] == "stage1"]
+    assert steps_b == list(range(6))  # no step logged twice
+
+
+def test_resume_with_other_config_refused(tiny_dir, tmp_path):
+    train(config(tiny_dir, tmp_path / "r", stage1_steps=2, stage2_steps=1), progress=False)
+    with pytest.raises(LeanKError, match="different reg"):
+        train(config(tiny_dir, tmp_path / "r", stage1_steps=2, stage2_steps=1, reg=0.5), resume=True, progress=False)
+
+
+def test_bad_training_input(tiny_dir, tmp_path):
+    with pytest.raises(LeanKError, match=r"sparsity must be in \[0, 1\)"):
+        config(tiny_dir, tmp_path, sparsities=(1.0,))
+    with pytest.raises(LeanKError, match="does not divide head_dim"):
+        train(config(tiny_dir, tmp_path / "x", alignment=5), progress=False)
+    with pytest.raises(LeanKError, match="exceeds the model's maximum context"):
+        train(config(tiny_dir, tmp_path / "y", max_length=5000), progress=False)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(LeanKError, match="corpus"):
+        train(config(tiny_dir, tmp_path / "z", corpus=str(empty)), progress=False)
+    if not torch.cuda.is_available():
+        with pytest.raises(LeanKError, match="needs a CUDA GPU"):
+            train(config(tiny_dir, tmp_path / "g", device="cuda"), progress=False)
