@@ -191,6 +191,7 @@ class Trainer:
                 distill=f"{distill:.4f}",
                 reg=f"{record['reg']:.4f}",
                 sparsity=f"{soft_sparsity:.2f}",
+                refresh=False,
             )
             if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == steps:
                 self._save_checkpoint(ckpt, alpha, opt, step + 1)
