@@ -38,7 +38,9 @@ def main() -> None:
     model, tok = leank.load_model("smollm2-135m", device=args.device)
     prose = tok(bundled_prose(), return_tensors="pt", add_special_tokens=False).input_ids
     masks = {
-        "bundled (magnitude 70%)": ChannelMask.load(leank.bundled_mask_path("smollm2-135m")),
+        "learned 70%": ChannelMask.load(leank.bundled_mask_path("smollm2-135m", 0.7)),
+        "learned 80%": ChannelMask.load(leank.bundled_mask_path("smollm2-135m", 0.8)),
+        "magnitude 70%": ChannelMask.load(leank.bundled_mask_path("smollm2-135m", method="magnitude")),
         "authors-like 70%": authors_like_mask(torch.rand(30, 3, 64, generator=torch.Generator().manual_seed(0))),
     }
     rows = []

@@ -85,11 +85,19 @@ def test_authors_masks_load_with_published_statistics(name, shape, pruned, fully
     assert mask.count_histogram() == hist
 
 
-def test_bundled_mask_fits_smollm2_shape():
-    mask = ChannelMask.load(leank.bundled_mask_path("smollm2-135m"))
+@pytest.mark.parametrize("method,sparsity", [("leank", 0.7), ("leank", 0.8), ("magnitude", 0.7)])
+def test_bundled_masks_fit_smollm2_shape(method, sparsity):
+    mask = ChannelMask.load(leank.bundled_mask_path("smollm2-135m", sparsity, method=method))
     assert tuple(mask.kept.shape) == (30, 3, 64)
-    assert mask.method == "magnitude" and mask.model == "smollm2-135m"
-    assert abs(mask.sparsity - 0.7) < 0.02
+    assert mask.method == method and mask.model == "smollm2-135m"
+    assert abs(mask.sparsity - sparsity) < 0.025
+    assert (mask.kept_counts % 16 == 0).all()
+
+
+def test_default_bundled_mask_is_learned_70():
+    assert leank.bundled_mask_path("smollm2-135m").name == "smollm2-135m.leank-0.70.safetensors"
+    with pytest.raises(leank.LeanKError, match="no bundled mask"):
+        leank.bundled_mask_path("llama-70b")
 
 
 def test_authors_like_distribution_matches_reference_histogram():
