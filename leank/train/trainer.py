@@ -23,7 +23,7 @@ from .._io import atomic_write, atomic_write_json
 from ..errors import LeanKError
 from ..masks import binarize
 from .config import TrainConfig
-from .distill import binary_scale, distill_loss, prompt_cache
+from .distill import binary_scale, distill_loss
 
 
 class _Samples(torch.utils.data.Dataset):
@@ -227,19 +227,7 @@ class Trainer:
         scale, empty = (alpha, None) if sparsity is None else binary_scale(alpha, sparsity, self.cfg.alignment)
         total = 0.0
         for ids, context_end, answer_mask in dataset:
-            ids = ids.to(self.device)[None]
-            prompt = prompt_cache(self.model, ids, context_end)
-            total += distill_loss(
-                self.model,
-                ids,
-                context_end,
-                answer_mask.to(self.device),
-                scale,
-                sink=self.cfg.sink,
-                recent=self.cfg.recent,
-                empty_heads=empty,
-                prompt=prompt,
-            ).item()
+            total += self._sample_loss(ids, context_end, answer_mask, scale, empty).item()
         return total / len(dataset)
 
 
