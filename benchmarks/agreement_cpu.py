@@ -38,10 +38,9 @@ def main() -> None:
                               mask_dir=Path(args.out) / "masks")
     cfg = AgreementConfig(length=args.length, steps=args.steps, windows=args.windows, batch_size=2)
     result = run_agreement(model, tok, methods, cfg, model_name="smollm2-135m", out=Path(args.out))
-    result_env = environment()
-    print({k: (round(v["kl_mean"], 4), round(v["top1_mean"], 3)) for k, v in result["methods"].items()}
-          if "methods" in result else result.keys())
-    print(result_env)
+    for row in result["methods"]:
+        print(f"{row['method']:<36} KL {row['kl_mean']:.4f} ± {row['kl_stderr']:.4f}  top-1 {row['top1_mean']:.3f}")
+    print(environment())
 
 
 if __name__ == "__main__":
