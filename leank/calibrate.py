@@ -18,7 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .attention import enable
-from .masks import ChannelMask, binarize
+from .masks import ChannelMask, binarize, kv_shape
 
 
 @torch.no_grad()
@@ -31,9 +31,7 @@ def channel_magnitudes(
     that behave like decode steps); keys always use every position.
     """
     enable(model)
-    cfg = model.config
-    layers, kv_heads = cfg.num_hidden_layers, cfg.num_key_value_heads
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    layers, kv_heads, head_dim = kv_shape(model.config)
     q_sq = torch.zeros(layers, kv_heads, head_dim, dtype=torch.float64)
     k_sq = torch.zeros_like(q_sq)
 

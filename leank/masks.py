@@ -28,6 +28,13 @@ DEFAULT_SINK = 32
 DEFAULT_RECENT = 64
 
 
+def kv_shape(config) -> tuple[int, int, int]:
+    """``(layers, kv_heads, head_dim)`` of a transformers config: the shape of its masks."""
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return config.num_hidden_layers, kv_heads, head_dim
+
+
 def check_sparsity(sparsity: float) -> float:
     if not (isinstance(sparsity, (int, float)) and 0.0 <= float(sparsity) < 1.0):
         raise LeanKError(f"sparsity must be in [0, 1), got {sparsity!r}: pass e.g. 0.7 to prune 70% of channels")
@@ -161,10 +168,7 @@ class ChannelMask:
     # ---- validation ----------------------------------------------------------
     def check_config(self, config) -> None:
         """Raise a ``LeanKError`` unless this mask fits a transformers model config."""
-        layers = config.num_hidden_layers
-        kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        expected = (layers, kv_heads, head_dim)
+        expected = kv_shape(config)
         if tuple(self.kept.shape) != expected:
             raise LeanKError(
                 f"mask shape {tuple(self.kept.shape)} (layers, kv_heads, head_dim) does not match the model's "

@@ -33,7 +33,7 @@ from ..cache import LeanKCache, dense_cache_nbytes
 from ..calibrate import magnitude_mask
 from ..data.text import bundled_prose
 from ..errors import LeanKError
-from ..masks import DEFAULT_RECENT, DEFAULT_SINK, ChannelMask, check_sparsity
+from ..masks import DEFAULT_RECENT, DEFAULT_SINK, ChannelMask, check_sparsity, kv_shape
 from .think import DEFAULT_WINDOW, ThinKCache, kept_channel_count
 
 STATIC_KINDS = ("magnitude", "magnitude-per-head", "random")
@@ -198,13 +198,6 @@ class ThinKMethod:
 
     def kv_bytes(self, cache: Cache) -> tuple[int, int]:
         return cache.ideal_nbytes(), cache.dense_nbytes()
-
-
-def kv_shape(config) -> tuple[int, int, int]:
-    """``(layers, kv_heads, head_dim)`` of a transformers config: the shape of its masks."""
-    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    return config.num_hidden_layers, kv_heads, head_dim
 
 
 def token_windows(tokenizer, text: str, length: int, count: int) -> torch.Tensor:

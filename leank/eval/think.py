@@ -24,7 +24,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from ..attention import ATTN_NAME
 from ..cache import pads_from_mask
 from ..errors import LeanKError
-from ..masks import DEFAULT_RECENT, DEFAULT_SINK, check_sparsity, check_window
+from ..masks import DEFAULT_RECENT, DEFAULT_SINK, check_sparsity, check_window, kv_shape
 from ..models import check_supported
 
 DEFAULT_WINDOW = 32
@@ -192,7 +192,7 @@ class ThinKCache(Cache):
         check_window(sink, recent)
         if not isinstance(window, int) or window < 1:
             raise LeanKError(f"ThinK's query window must be a positive number of tokens, got {window!r}")
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        head_dim = kv_shape(config)[2]
         self.sparsity, self.window, self.sink, self.recent = sparsity, window, sink, recent
         keep = kept_channel_count(sparsity, head_dim)
         super().__init__(layers=[

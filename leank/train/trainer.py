@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from .._io import atomic_write, atomic_write_json
 from ..errors import LeanKError
-from ..masks import binarize
+from ..masks import binarize, kv_shape
 from .config import TrainConfig
 from .distill import binary_scale, distill_loss
 
@@ -84,11 +84,9 @@ class Trainer:
             raise LeanKError(
                 f"max_length {cfg.max_length} exceeds the model's maximum context {limit}: lower --max-length"
             )
-        cfgm = self.model.config
-        head_dim = getattr(cfgm, "head_dim", None) or cfgm.hidden_size // cfgm.num_attention_heads
-        if head_dim % cfg.alignment:
-            raise LeanKError(f"alignment {cfg.alignment} does not divide head_dim {head_dim}: use e.g. 16")
-        self.shape = (cfgm.num_hidden_layers, cfgm.num_key_value_heads, head_dim)
+        self.shape = kv_shape(self.model.config)
+        if self.shape[2] % cfg.alignment:
+            raise LeanKError(f"alignment {cfg.alignment} does not divide head_dim {self.shape[2]}: use e.g. 16")
         atomic_write_json(self.out / "config.json", cfg.to_dict())
 
     def _check_out_dir(self, resume: bool) -> None:
