@@ -8,9 +8,11 @@ Per layer and sequence, tokens live in three stores:
   between ``recent`` and ``recent + chunk - 1`` tokens after each step: tokens leave it
   ``chunk`` at a time, so the cost of moving them is paid once per chunk, not per step;
 * **middle** — everything in between, stored *compressed*: KV heads are grouped by their
-  kept-channel count ``c``; each group keeps K ``[B, n_heads, cap, c]`` (only its kept
-  channels, packed) and V ``[B, n_heads, cap, D]``. Heads that keep no channel store
-  nothing for middle tokens: they attend to sink and window only.
+  kept-channel count ``c``; each group's K ``[B, n_heads, cap, c]`` (only its kept
+  channels, packed) and V ``[B, n_heads, cap, D]`` are views of one flat buffer per layer
+  (``mid_k`` ``[B, cap * sum(c)]``, ``mid_v`` ``[B, cap * n_kept_heads * D]``, heads in group
+  order), so one kernel launch reads every group through per-head offset tables. Heads that
+  keep no channel store nothing for middle tokens: they attend to sink and window only.
 
 Positions are absolute (padding included). Row ``b`` has ``pads[b]`` leading pad tokens;
 the window covers positions ``[w0, seen)``, middle slot ``i`` is position ``c0 + i``.
@@ -80,8 +82,10 @@ class MiddleGroup:
 
     heads: torch.Tensor  # long [n]
     channels: torch.Tensor  # long [n, c], ascending per head
-    keys: torch.Tensor | None = None  # [B, n, cap, c]
-    values: torch.Tensor | None = None  # [B, n, cap, D]
+    koff: int  # first channel of this group in a token's packed K (sum of c over earlier heads)
+    voff: int  # first head of this group among the heads that keep V
+    keys: torch.Tensor | None = None  # [B, n, cap, c], a view of the layer's mid_k
+    values: torch.Tensor | None = None  # [B, n, cap, D], a view of the layer's mid_v
 
     @property
     def kept(self) -> int:
@@ -117,6 +121,8 @@ class LeanKLayer(DynamicLayer):
         self.window_len = 0
         self.sink_k = self.sink_v = None
         self.groups: list[MiddleGroup] = []
+        self.mid_k = self.mid_v = None  # flat middle buffers; groups hold views of them
+        self.head_tables: tuple[torch.Tensor, ...] = ()
         self.middle_len = 0
         self.prefill_pending = False
 
@@ -130,10 +136,24 @@ class LeanKLayer(DynamicLayer):
             )
         counts = self.kept.sum(-1)
         self.groups = []
+        # Per-head tables for kernels: kept count, K offset (channels), V offset (heads) in
+        # the flat middle buffers, and the kept channel indices (padded with 0).
+        head_c = torch.zeros(self.num_kv_heads, dtype=torch.int32)
+        head_koff = torch.zeros_like(head_c)
+        head_voff = torch.zeros_like(head_c)
+        head_chan = torch.zeros(self.num_kv_heads, self.head_dim, dtype=torch.int32)
+        koff = voff = 0
         for c in sorted(set(counts.tolist()) - {0}):
             heads = (counts == c).nonzero().flatten()
             channels = torch.stack([self.kept[h].nonzero().flatten() for h in heads.tolist()])
-            self.groups.append(MiddleGroup(heads.to(self.device), channels.to(self.device)))
+            for i, h in enumerate(heads.tolist()):
+                head_c[h], head_koff[h], head_voff[h] = c, koff + i * c, voff + i
+                head_chan[h, :c] = channels[i]
+            self.groups.append(MiddleGroup(heads.to(self.device), channels.to(self.device), koff, voff))
+            koff, voff = koff + c * len(heads), voff + len(heads)
+        self.middle_k_width, self.middle_v_heads = koff, voff
+        self.head_counts: list[int] = counts.tolist()
+        self.head_tables = tuple(t.to(self.device) for t in (head_c, head_koff, head_voff, head_chan))
         self.is_initialized = True
 
     # ---- the transformers contract --------------------------------------------------
@@ -178,19 +198,13 @@ class LeanKLayer(DynamicLayer):
     def _tensors(self) -> dict[str, torch.Tensor]:
         """Every per-row tensor, by attribute path (for the batch operations)."""
         named = {"window_k": self.window_k, "window_v": self.window_v, "sink_k": self.sink_k,
-                 "sink_v": self.sink_v, "pads": self.pads}
-        for i, g in enumerate(self.groups):
-            named[f"g{i}.keys"], named[f"g{i}.values"] = g.keys, g.values
+                 "sink_v": self.sink_v, "pads": self.pads, "mid_k": self.mid_k, "mid_v": self.mid_v}
         return {k: v for k, v in named.items() if v is not None}
 
     def _map_batch(self, fn) -> None:
         for name, tensor in self._tensors().items():
-            new = fn(tensor)
-            if name.startswith("g"):
-                idx, attr = name[1:].split(".")
-                setattr(self.groups[int(idx)], attr, new)
-            else:
-                setattr(self, name, new)
+            setattr(self, name, fn(tensor))
+        self._set_group_views()
         if self.pads is not None:
             self.pad_list = self.pads.tolist()
         if self.window_k is not None:
@@ -288,7 +302,15 @@ class LeanKLayer(DynamicLayer):
         self.window_k, self.window_v = new_k, new_v
 
     def middle_capacity(self) -> int:
-        return self.groups[0].keys.shape[2] if self.groups and self.groups[0].keys is not None else 0
+        return self.mid_k.shape[1] // self.middle_k_width if self.mid_k is not None else 0
+
+    def _set_group_views(self) -> None:
+        """Point every group's ``keys``/``values`` at its part of the flat middle buffers."""
+        cap = self.middle_capacity()
+        for g in self.groups:
+            n, c, D = g.heads.numel(), g.kept, self.head_dim
+            g.keys = self.mid_k[:, cap * g.koff : cap * (g.koff + n * c)].view(-1, n, cap, c)
+            g.values = self.mid_v[:, cap * D * g.voff : cap * D * (g.voff + n)].view(-1, n, cap, D)
 
     def _reserve_middle(self, needed: int) -> None:
         cap = self.middle_capacity()
@@ -299,14 +321,15 @@ class LeanKLayer(DynamicLayer):
         new_cap = needed if cap == 0 else max(needed, cap + cap // 4)
         if cap == 0 and self.max_length is not None:
             new_cap = max(needed, self.max_length - self.c0 - self.recent)
-        for g in self.groups:
-            n = g.heads.numel()
-            keys = torch.empty(self.batch, n, new_cap, g.kept, dtype=self.dtype, device=self.device)
-            values = torch.empty(self.batch, n, new_cap, self.head_dim, dtype=self.dtype, device=self.device)
-            if self.middle_len:
-                keys[:, :, : self.middle_len] = g.keys[:, :, : self.middle_len]
-                values[:, :, : self.middle_len] = g.values[:, :, : self.middle_len]
-            g.keys, g.values = keys, values
+        old = [(g.keys, g.values) for g in self.groups]
+        kw = {"dtype": self.dtype, "device": self.device}
+        self.mid_k = torch.empty(self.batch, new_cap * self.middle_k_width, **kw)
+        self.mid_v = torch.empty(self.batch, new_cap * self.middle_v_heads * self.head_dim, **kw)
+        self._set_group_views()
+        if self.middle_len:
+            for g, (keys, values) in zip(self.groups, old, strict=True):
+                g.keys[:, :, : self.middle_len] = keys[:, :, : self.middle_len]
+                g.values[:, :, : self.middle_len] = values[:, :, : self.middle_len]
 
     # ---- validity (per row) ----------------------------------------------------------
     def sink_valid(self) -> torch.Tensor:
@@ -331,10 +354,11 @@ class LeanKLayer(DynamicLayer):
         """Bytes of every tensor this layer holds (capacity, not just the used part)."""
         if self.prefill_pending:
             return _nbytes(self.window_k, self.window_v)
-        total = _nbytes(self.window_k, self.window_v, self.sink_k, self.sink_v, self.pads)
-        for g in self.groups:
-            total += _nbytes(g.keys, g.values, g.heads, g.channels)
-        return total
+        total = _nbytes(self.window_k, self.window_v, self.sink_k, self.sink_v, self.pads, self.mid_k, self.mid_v)
+        return total + _nbytes(*self._index_tensors())
+
+    def _index_tensors(self) -> list[torch.Tensor]:
+        return [*self.head_tables, *[t for g in self.groups for t in (g.heads, g.channels)]]
 
     def overhead_nbytes(self) -> dict[str, int]:
         """Where allocated bytes exceed :meth:`ideal_nbytes`, by cause (documented bound):
@@ -345,7 +369,7 @@ class LeanKLayer(DynamicLayer):
           at most 1/4 after growth);
         * ``padding``: middle slots of left-padded rows that precede the row's sink
           (``max(pads) - min(pads)`` tokens at most);
-        * ``index``: channel/head index tensors and per-row pad counts.
+        * ``index``: channel/head index tensors, kernel tables and per-row pad counts.
         """
         if not self.seen or self.prefill_pending:
             return {}
@@ -358,7 +382,7 @@ class LeanKLayer(DynamicLayer):
             "window": window_extra,
             "middle_slack": (cap - self.middle_len) * middle_token * self.batch,
             "padding": padding_slots * middle_token,
-            "index": _nbytes(self.pads, *[t for g in self.groups for t in (g.heads, g.channels)]),
+            "index": _nbytes(self.pads, *self._index_tensors()),
         }
 
     def ideal_nbytes(self) -> int:

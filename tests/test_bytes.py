@@ -46,6 +46,7 @@ def test_measured_bytes_within_ideal_plus_documented_overhead():
             for layer in cache.layers
             for t in [layer.window_k, layer.window_v, layer.sink_k, layer.sink_v, layer.pads]
             + [x for g in layer.groups for x in (g.keys, g.values, g.heads, g.channels)]
+            + list(layer.head_tables)
         )
         assert cache.nbytes() == allocated
         overhead = cache.overhead_nbytes()

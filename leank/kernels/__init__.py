@@ -21,11 +21,19 @@ if TYPE_CHECKING:
 
 BACKENDS: dict[str, Callable[[torch.Tensor, LeanKLayer, float], torch.Tensor]] = {"torch": decode_attention_torch}
 
+try:  # Triton is optional: without it (or on CPU) the torch backend serves every query.
+    from .triton_decode import decode_attention_triton
+except ImportError:  # pragma: no cover - depends on the install
+    pass
+else:
+    BACKENDS["triton"] = decode_attention_triton
+
 
 def pick_backend(query: torch.Tensor, backend: str | None = None) -> str:
     backend = backend or os.environ.get("LEANK_ATTENTION_BACKEND") or "auto"
     if backend == "auto":
-        return "triton" if query.is_cuda and "triton" in BACKENDS else "torch"
+        one_token = query.shape[-2] == 1
+        return "triton" if query.is_cuda and one_token and "triton" in BACKENDS else "torch"
     if backend not in BACKENDS:
         raise LeanKError(f"unknown LeanK attention backend {backend!r}: use one of auto, {', '.join(BACKENDS)}")
     return backend
