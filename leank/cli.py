@@ -94,12 +94,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=_calibrate)
 
     from .analysis import register as register_analyze
+    from .bench import register as register_bench
     from .eval.cli import register as register_eval
     from .train.cli import register as register_train
 
     register_train(sub)
     register_eval(sub)
     register_analyze(sub)
+    register_bench(sub)
     return parser
 
 
