@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 
 from ..masks import DEFAULT_RECENT, DEFAULT_SINK
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("train", help="learn LeanK masks (two-stage distillation, GPU)")
+    p = subparsers.add_parser("train", help="learn LeanK masks (two-stage distillation, GPU; several with torchrun)")
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--sparsity", type=float, nargs="+", default=[0.7], help="target sparsities (one stage 2 each)")
     p.add_argument("--align", type=int, default=16, help="per-head kept counts are multiples of this")
@@ -29,6 +30,8 @@ def register(subparsers) -> None:
     p.add_argument("--device", default="cuda")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--workers", type=int, default=2, help="data-generation worker processes")
+    p.add_argument("--validation-samples", type=int, default=16, help="held-out samples for validation losses")
+    p.add_argument("--fsdp", action="store_true", help="under torchrun: shard the frozen model (FSDP2 fully_shard)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.set_defaults(run=_run)
 
@@ -42,8 +45,9 @@ def _run(args) -> int:
         recent=args.recent, min_length=args.min_length, max_length=args.max_length, stage1_steps=args.steps1,
         stage2_steps=args.steps2, lr1=args.lr1, lr2=args.lr2, reg=args.reg, batch=args.batch, corpus=args.corpus,
         seed=args.seed, checkpoint_every=args.checkpoint_every, device=args.device, dtype=args.dtype,
-        workers=args.workers,
+        workers=args.workers, validation_samples=args.validation_samples, fsdp=args.fsdp,
     )
     summary = train(cfg, resume=args.resume)
-    print(json.dumps({k: v for k, v in summary.items() if k != "config"}, indent=2))
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 prints
+        print(json.dumps({k: v for k, v in summary.items() if k != "config"}, indent=2))
     return 0

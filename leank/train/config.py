@@ -47,6 +47,7 @@ class TrainConfig:
     dtype: str = "bfloat16"
     workers: int = 2
     validation_samples: int = 16  # held-out samples for the before/after-binarisation losses
+    fsdp: bool = False  # under torchrun: shard the frozen model with FSDP2 (memory only, same result)
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -59,7 +60,7 @@ class TrainConfig:
         for name in ("stage1_steps", "stage2_steps"):
             if getattr(self, name) < 0:
                 raise LeanKError(f"{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("lr1", "lr2", "batch", "checkpoint_every"):
+        for name in ("lr1", "lr2", "batch", "checkpoint_every", "validation_samples"):
             if getattr(self, name) <= 0:
                 raise LeanKError(f"{name} must be positive, got {getattr(self, name)}")
         if self.reg < 0:

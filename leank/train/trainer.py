@@ -8,6 +8,9 @@ Outputs in ``cfg.out``: ``config.json``, ``log.jsonl`` (one line per step), ``al
 ``summary.json`` (losses before/after binarisation on held-out samples, wall times),
 ``loss.png`` and ``alpha.png``, and ``checkpoints/`` (atomic, every ``checkpoint_every``
 steps; a killed run continues bit for bit with ``resume=True``).
+
+Under ``torchrun`` the samples of every step are split over the processes and α's gradient
+is all-reduced (:mod:`leank.train.distributed`); only rank 0 writes these files.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from ..errors import LeanKError
 from ..masks import binarize, kv_shape
 from .config import TrainConfig
 from .distill import binary_scale, distill_loss
+from .distributed import Dist, setup, shard_model, sync_grad
 
 
 class _Samples(torch.utils.data.Dataset):
@@ -52,8 +56,7 @@ class _Samples(torch.utils.data.Dataset):
         return s.input_ids, s.context_end, s.answer_mask
 
 
-def _loader(dataset, start: int, workers: int):
-    indices = range(start, len(dataset))
+def _loader(dataset, indices, workers: int):
     return torch.utils.data.DataLoader(
         torch.utils.data.Subset(dataset, indices),
         batch_size=None,
@@ -64,20 +67,36 @@ def _loader(dataset, start: int, workers: int):
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, *, resume: bool = False, progress: bool = True):
-        self.cfg, self.progress = cfg, progress
+    def __init__(self, cfg: TrainConfig, *, resume: bool = False, progress: bool = True, dist: Dist | None = None):
+        self.dist = dist = dist or Dist()
+        self.cfg, self.progress = cfg, progress and dist.is_main
         self.out = Path(cfg.out)
         self.ckpt_dir = self.out / "checkpoints"
-        self._check_out_dir(resume)
-        self.device = torch.device(cfg.device)
+        dist.on_main(lambda: self._check_out_dir(resume))
+        self.device = dist.device(cfg.device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise LeanKError(
                 "training needs a CUDA GPU and none is visible: run on a GPU machine, "
                 "or pass --device cpu to train (slowly) on the CPU"
             )
+        if cfg.batch < dist.world:
+            raise LeanKError(
+                f"--batch {cfg.batch} is smaller than the {dist.world} processes: each step's samples are split "
+                f"over the processes, so use --batch {dist.world} or more (a multiple balances the load)"
+            )
+        if cfg.fsdp and not dist.enabled:
+            raise LeanKError("--fsdp shards the model over torchrun processes: launch with torchrun --nproc_per_node N")
+        if cfg.fsdp and cfg.batch % dist.world:
+            raise LeanKError(
+                f"--fsdp needs --batch to be a multiple of the {dist.world} processes (each forward pass gathers "
+                f"the weights from all of them, so all run as many), got {cfg.batch}"
+            )
         from ..models import load_model
 
-        self.model, self.tokenizer = load_model(cfg.model, device=self.device, dtype=cfg.dtype)
+        # Rank 0 first: a model converted on first use (smollm2-135m) is converted once.
+        # With FSDP the full model is loaded on the CPU and fully_shard moves each rank's shard to its device.
+        load_device = torch.device("cpu") if cfg.fsdp else self.device
+        self.model, self.tokenizer = dist.main_first(lambda: load_model(cfg.model, device=load_device, dtype=cfg.dtype))
         self.model.requires_grad_(False)
         limit = getattr(self.model.config, "max_position_embeddings", None)
         if limit is not None and cfg.max_length > limit:
@@ -87,7 +106,10 @@ class Trainer:
         self.shape = kv_shape(self.model.config)
         if self.shape[2] % cfg.alignment:
             raise LeanKError(f"alignment {cfg.alignment} does not divide head_dim {self.shape[2]}: use e.g. 16")
-        atomic_write_json(self.out / "config.json", cfg.to_dict())
+        if cfg.fsdp:
+            shard_model(self.model, self.device)
+        if dist.is_main:
+            atomic_write_json(self.out / "config.json", cfg.to_dict())
 
     def _check_out_dir(self, resume: bool) -> None:
         saved = self.out / "config.json"
@@ -106,13 +128,15 @@ class Trainer:
 
     # ---- logging ------------------------------------------------------------------
     def _log(self, record: dict) -> None:
+        if not self.dist.is_main:
+            return
         with open(self.out / "log.jsonl", "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
 
     def _truncate_log(self, stage: str, after_step: int) -> None:
         """Drop log lines a killed run wrote after its last checkpoint (they are redone)."""
         path = self.out / "log.jsonl"
-        if not path.exists():
+        if not self.dist.is_main or not path.exists():
             return
         lines = [
             ln
@@ -133,22 +157,29 @@ class Trainer:
         sparsity: float | None,
         data_seed: int,
     ) -> torch.Tensor:
-        cfg = self.cfg
+        cfg, dist = self.cfg, self.dist
         ckpt = self.ckpt_dir / f"{stage}.pt"
         alpha = init.clone().to(self.device, torch.float32).requires_grad_(True)
         opt = torch.optim.AdamW([alpha], lr=lr, weight_decay=0.0)
         start = 0
-        if ckpt.exists():
-            state = torch.load(ckpt, map_location=self.device, weights_only=True)
+        # Only rank 0 reads the checkpoint; α and the optimiser state go to the others from it.
+        state = torch.load(ckpt, map_location="cpu", weights_only=True) if dist.is_main and ckpt.exists() else None
+        state = dist.broadcast_object(state)
+        if state is not None:
             with torch.no_grad():
                 alpha.copy_(state["alpha"])
             opt.load_state_dict(state["optimizer"])
             start = state["step"]
-            if start >= steps:
-                return alpha.detach()
+        with torch.no_grad():
+            dist.broadcast(alpha)
+        if start >= steps:
+            return alpha.detach()
         self._truncate_log(stage, start - 1)
         dataset = _Samples(self.tokenizer, cfg, data_seed, steps * cfg.batch)
-        batches = iter(_loader(dataset, start * cfg.batch, cfg.workers))
+        # Step s uses samples s·batch … s·batch + batch − 1; this rank takes its share of each step's.
+        mine = set(dist.share(cfg.batch))
+        indices = [i for i in range(start * cfg.batch, steps * cfg.batch) if i % cfg.batch in mine]
+        batches = iter(_loader(dataset, indices, cfg.workers))
         bar = tqdm(range(start, steps), desc=stage, disable=not self.progress, initial=start, total=steps)
         for step in bar:
             for group in opt.param_groups:
@@ -159,11 +190,12 @@ class Trainer:
             else:
                 scale, empty = binary_scale(alpha, sparsity, cfg.alignment)
             distill = 0.0
-            for _ in range(cfg.batch):
+            for _ in dist.share(cfg.batch):
                 ids, context_end, answer_mask = next(batches)
                 loss = self._sample_loss(ids, int(context_end), answer_mask, scale, empty) / cfg.batch
                 loss.backward(retain_graph=sparsity is not None)
                 distill += loss.item()
+            distill = sync_grad(dist, alpha, distill)
             penalty = reg * alpha.mean()
             if reg:
                 penalty.backward()
@@ -214,27 +246,42 @@ class Trainer:
             ) from None
 
     def _save_checkpoint(self, path: Path, alpha, opt, step: int) -> None:
+        if not self.dist.is_main:
+            return
         state = {"alpha": alpha.detach().cpu(), "optimizer": opt.state_dict(), "step": step}
         atomic_write(path, lambda tmp: torch.save(state, tmp))
 
     # ---- validation ---------------------------------------------------------------
     @torch.no_grad()
     def validation_loss(self, alpha: torch.Tensor, sparsity: float | None) -> float:
-        """Mean distillation loss on held-out samples (another data seed), continuous or binarised α."""
+        """Mean distillation loss on held-out samples (another data seed), continuous or binarised α.
+        Under torchrun each rank evaluates its share of the samples and the sums are all-reduced."""
         dataset = _Samples(self.tokenizer, self.cfg, self.cfg.seed + 10_000, self.cfg.validation_samples)
         scale, empty = (alpha, None) if sparsity is None else binary_scale(alpha, sparsity, self.cfg.alignment)
+        share = list(self.dist.share(len(dataset)))
+        # FSDP: every rank runs as many forward passes (each gathers weights from all); padding ones count 0.
+        passes = -(-len(dataset) // self.dist.world) if self.cfg.fsdp else len(share)
         total = 0.0
-        for ids, context_end, answer_mask in dataset:
-            total += self._sample_loss(ids, context_end, answer_mask, scale, empty).item()
+        for k in range(passes):
+            ids, context_end, answer_mask = dataset[share[k] if k < len(share) else 0]
+            loss = self._sample_loss(ids, context_end, answer_mask, scale, empty).item()
+            total += loss if k < len(share) else 0.0
+        if self.dist.enabled:
+            total = self.dist.all_reduce_sum(torch.tensor([total], dtype=torch.float64, device=self.device)).item()
         return total / len(dataset)
 
 
 def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> dict:
-    """Run stage 1 then stage 2 for every target sparsity; return the summary (also saved)."""
+    """Run stage 1 then stage 2 for every target sparsity; return the summary (also saved).
+
+    Under ``torchrun`` (``WORLD_SIZE`` > 1, or a process group the caller initialised) the
+    processes train together (:mod:`leank.train.distributed`); every rank returns the summary.
+    """
     from safetensors.torch import save_file
 
-    trainer = Trainer(cfg, resume=resume, progress=progress)
-    summary: dict = {"config": cfg.to_dict(), "stages": {}}
+    dist = setup(cfg.device)
+    trainer = Trainer(cfg, resume=resume, progress=progress, dist=dist)
+    summary: dict = {"config": cfg.to_dict(), "processes": dist.world, "stages": {}}
     t0 = time.perf_counter()
     alpha = trainer.run_stage(
         "stage1",
@@ -246,10 +293,11 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> d
         data_seed=cfg.seed,
     )
     alpha_cpu = alpha.cpu().contiguous()
-    atomic_write(
-        trainer.out / "alpha.safetensors",
-        lambda tmp: save_file({"alpha": alpha_cpu}, tmp, metadata={"model": cfg.model}),
-    )
+    if dist.is_main:
+        atomic_write(
+            trainer.out / "alpha.safetensors",
+            lambda tmp: save_file({"alpha": alpha_cpu}, tmp, metadata={"model": cfg.model}),
+        )
     hist = torch.histc(alpha_cpu, bins=10, min=0, max=1).tolist()
     summary["stages"]["stage1"] = {
         "seconds": round(time.perf_counter() - t0, 1),
@@ -284,7 +332,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> d
                 "torch": torch.__version__,
             },
         )
-        mask.save(trainer.out / f"mask-{sparsity:.2f}.safetensors")
+        if dist.is_main:
+            mask.save(trainer.out / f"mask-{sparsity:.2f}.safetensors")
         summary["stages"][name] = {
             "seconds": round(time.perf_counter() - t1, 1),
             "validation_distill_binarised_before": before,
@@ -296,10 +345,11 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> d
     summary["seconds_total"] = round(time.perf_counter() - t0, 1)
     if torch.cuda.is_available() and trainer.device.type == "cuda":
         summary["gpu"] = torch.cuda.get_device_name(trainer.device)
-    atomic_write_json(trainer.out / "summary.json", summary)
-    from .plots import plot_run
+    if dist.is_main:
+        atomic_write_json(trainer.out / "summary.json", summary)
+        from .plots import plot_run
 
-    plot_run(trainer.out)
+        plot_run(trainer.out)
     return summary
 
 
