@@ -24,7 +24,6 @@ fit).
 
 from __future__ import annotations
 
-import inspect
 import math
 import statistics
 import time
@@ -32,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from .cache import LeanKCache, dense_cache_nbytes
+from .cache import LeanKCache, cache_kwargs, dense_cache_nbytes
 from .errors import LeanKError
 from .masks import ChannelMask
 
@@ -61,11 +60,6 @@ def random_llama_8b(device, dtype=torch.bfloat16):
     return model.eval()
 
 
-def _cache_arg(model) -> str:
-    params = inspect.signature(model.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
-
-
 def make_cache(method: str, model, mask: ChannelMask | None, max_length: int):
     from transformers import DynamicCache, StaticCache
 
@@ -91,13 +85,13 @@ def cache_bytes(method: str, cache) -> tuple[int, int]:
 def run_one(model, method: str, mask, *, batch: int, length: int, steps: int, warmup: int, seed: int = 0) -> dict:
     """One (method, batch, prompt length) measurement; see the module docstring."""
     device = model.device
-    arg = _cache_arg(model)
     gen = torch.Generator(device="cpu").manual_seed(seed)
     ids = torch.randint(10, model.config.vocab_size - 10, (1, length), generator=gen).to(device)
     cache = make_cache(method, model, mask, length + warmup + steps + 1)
+    cache_arg = cache_kwargs(cache)
     torch.cuda.synchronize()
     start = time.perf_counter()
-    out = model(input_ids=ids, use_cache=True, logits_to_keep=1, **{arg: cache})
+    out = model(input_ids=ids, use_cache=True, logits_to_keep=1, **cache_arg)
     token = out.logits[:, -1].argmax(-1, keepdim=True)
     torch.cuda.synchronize()
     ttft = time.perf_counter() - start
@@ -116,7 +110,7 @@ def run_one(model, method: str, mask, *, batch: int, length: int, steps: int, wa
     for i in range(warmup + steps):
         if i == warmup:
             events[0].record()
-        logits = model(input_ids=token, use_cache=True, logits_to_keep=1, **{arg: cache}).logits
+        logits = model(input_ids=token, use_cache=True, logits_to_keep=1, **cache_arg).logits
         token = logits[:, -1].argmax(-1, keepdim=True)
         if i >= warmup:
             events[i - warmup + 1].record()
@@ -205,7 +199,7 @@ def bench(model_name: str, *, mask_path=None, lengths=(8192,), batches=(1,), bud
                 progress(f"  max batch {method} @ {length}: {res.get('max_batch')} (budget {budget_gib} GiB)")
                 if res.get("run"):
                     rows.append(dict(res["run"], note="max batch"))
-                if method in ("full", "leank") and res.get("max_batch"):
+                if res.get("max_batch"):
                     both.append(res["max_batch"])
         grid = sorted(set(batches) | ({min(both)} if len(both) == 2 else set()))
         for batch in grid:

@@ -198,16 +198,19 @@ def _sm_count(device: torch.device) -> int:
     return 4
 
 
-def split_plan(batch: int, head_counts: list[int], middle: int, D: int, block: int, programs: int) -> tuple[int, int]:
+def split_plan(
+    batch: int, head_counts: list[int], middle: int, D: int, block: int, programs: int, budget: int | None = None
+) -> tuple[int, int]:
     """(budget, splits): elements each middle program reads, so that the middle work of all
-    rows and heads (tokens × (kept + D) per head) spreads over about ``programs`` programs,
-    and the number of splits of the head keeping most channels (the most any head needs:
-    the grid's second axis, sink/window program excluded)."""
+    rows and heads (tokens × (kept + D) per head) spreads over about ``programs`` programs
+    (or the given ``budget``), and the number of splits of the head keeping most channels
+    (the most any head needs: the grid's second axis, sink/window program excluded)."""
     kept = [c for c in head_counts if c > 0]
     if not kept or middle == 0:
         return 1, 1
-    total = batch * middle * sum(c + D for c in kept)
-    budget = max(triton.cdiv(total, programs), 2 * block * (min(kept) + D))
+    if budget is None:
+        total = batch * middle * sum(c + D for c in kept)
+        budget = max(triton.cdiv(total, programs), 2 * block * (min(kept) + D))
     split_len = triton.cdiv(triton.cdiv(budget, max(kept) + D), block) * block  # the shortest splits
     return budget, triton.cdiv(middle, split_len)
 
@@ -250,18 +253,14 @@ def decode_attention_triton(
     query = query if query.stride(-1) == 1 else query.contiguous()
     M = layer.middle_len
     block, warps, stages, waves = kernel_config(D)
-    head_counts = layer.head_counts
-    budget, ns = split_plan(B, head_counts, M, D, block, int(waves * _sm_count(query.device)))
-    if budget_override is not None:
-        budget = budget_override
-        max_kept = max(head_counts)
-        ns = triton.cdiv(max(M, 1), max(triton.cdiv(triton.cdiv(budget, max_kept + D), block), 1) * block)
+    programs = int(waves * _sm_count(query.device))
+    budget, ns = split_plan(B, layer.head_counts, M, D, block, programs, budget_override)
     ws_o, ws_l = _workspace(query.device, B * Hq * (ns + 1), D)
     if out is None:
         out = torch.empty(B, Hq, 1, D, dtype=query.dtype, device=query.device)
 
     head_c, head_koff, head_voff, head_chan = layer.head_tables
-    kalign = math.gcd(*head_counts) or 16
+    kalign = math.gcd(*layer.head_counts) or 16
     kalign = kalign & -kalign  # largest power of two dividing every kept count
     wk, wv = layer.window_k, layer.window_v
     sk, sv = (layer.sink_k, layer.sink_v) if layer.sink_k is not None else (wk, wv)
