@@ -55,14 +55,14 @@ def main() -> None:
         dense_bytes = dense_cache_nbytes(dense)
         leank.enable(model)
         for name, mask in masks.items():
-            cache = leank.LeanKCache(model, mask)
+            cache = leank.LeanKCache(model, mask, max_length=length + args.decode)
             with torch.inference_mode():
                 model.generate(**kw, **leank.cache_kwargs(cache))
             measured, ideal = cache.nbytes(), cache.ideal_nbytes()
             rows.append({
-                "length": length, "tokens_cached": cache.get_seq_length(), "mask": name,
+                "length": length, "tokens_cached": int(cache.get_seq_length()), "mask": name,
                 "mask_sparsity": round(mask.sparsity, 4), "fully_pruned_heads": mask.fully_pruned_heads,
-                "sink": cache.sink, "recent": cache.recent, "chunk": cache.chunk,
+                "sink": cache.sink, "recent": cache.recent,
                 "dense_bytes": dense_bytes, "leank_bytes": measured, "ideal_bytes": ideal,
                 "overhead_bytes": cache.overhead_nbytes(),
                 "saving": round(1 - measured / dense_bytes, 4), "ideal_saving": round(1 - ideal / dense_bytes, 4),

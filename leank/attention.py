@@ -1,18 +1,27 @@
-"""The ``"leank"`` attention implementation for transformers.
+"""The ``"leank"`` attention implementation for transformers, and the prefill-then-decode
+protocol every LeanK-style cache follows.
 
 Importing this module registers ``"leank"`` with ``AttentionInterface`` (the function
 below) and ``AttentionMaskInterface`` (transformers' SDPA mask, so padding masks reach
-us). :func:`enable` switches a model to it. The function handles:
+us). :func:`enable` switches a model to it.
 
-* K/V that are a cache *handle* (anything with ``attend``, e.g. from a
-  :class:`~leank.cache.LeanKCache`): the handle computes attention itself — the prompt as
-  plain SDPA, later steps with :func:`leank.kernels.decode_attention`;
-* plain tensors with ``leank_observer=fn`` in the forward kwargs: ``fn(layer_idx, query,
-  key)`` sees the post-RoPE Q and K (mask calibration), then SDPA;
-* plain tensors otherwise: SDPA, exactly as transformers' ``"sdpa"``.
+**The protocol.** A cache layer's ``update()`` returns a :class:`Handle` in place of K and
+V. The attention function then
+
+* for a handle with ``prompt`` K/V (the first update of a sequence): runs transformers' own
+  SDPA over them (prefill is ordinary full attention), reads each row's leading pad count
+  from the mask and calls ``layer.after_prefill(query, pads)`` (the layer compresses);
+* otherwise calls ``layer.attend(query, scaling)`` → ``[B, H_q, q, D]``: each cache
+  implements only this.
+
+Plain tensors (no cache handle) go to SDPA, exactly as transformers' ``"sdpa"``;
+``leank_observer=fn`` in the forward kwargs first shows ``fn(layer_idx, query, key)`` the
+post-RoPE Q and K (mask calibration).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from transformers import AttentionInterface
@@ -20,6 +29,24 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 ATTN_NAME = "leank"
+
+
+@dataclass(frozen=True)
+class Handle:
+    """What a cache layer's ``update()`` returns (as both K and V): the layer, and the
+    prompt's K/V ``[B, H_kv, T, D]`` when this is the sequence's first update."""
+
+    layer: object
+    prompt: tuple[torch.Tensor, torch.Tensor] | None = None
+
+
+def pads_from_mask(attention_mask: torch.Tensor | None, batch: int, device) -> torch.Tensor:
+    """Leading pad tokens per row ``[B]``, read from the last query row of the prompt's mask."""
+    if attention_mask is None:
+        return torch.zeros(batch, dtype=torch.long, device=device)
+    row = attention_mask[:, 0, -1, :]
+    visible = row if row.dtype == torch.bool else row == 0
+    return visible.int().argmax(-1).expand(batch).to(device, torch.long)
 
 
 def leank_attention(
@@ -35,9 +62,14 @@ def leank_attention(
     """transformers attention function; see the module docstring."""
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
-    if hasattr(key, "attend"):
-        out = key.attend(module, query, attention_mask, scaling=scaling, dropout=dropout)
-        return out, None
+    if isinstance(key, Handle):
+        if key.prompt is not None:
+            out, _ = sdpa_attention_forward(
+                module, query, *key.prompt, attention_mask, scaling=scaling, dropout=dropout
+            )
+            key.layer.after_prefill(query, pads_from_mask(attention_mask, query.shape[0], query.device))
+            return out, None
+        return key.layer.attend(query, scaling).transpose(1, 2).contiguous(), None
     observer = kwargs.pop("leank_observer", None)
     if observer is not None:
         observer(module.layer_idx, query, key)

@@ -1,159 +1,126 @@
 """The LeanK KV cache for Hugging Face transformers (5.x cache contract).
 
-Per layer and sequence, tokens live in three stores:
+Each layer keeps the stores of :mod:`leank.contract`: a **ring** of the last ``R + 1``
+tokens (full K and V), the **sink** (each row's first ``S`` real tokens, full K and V),
+and the **middle** (every other token, only its KV head's kept K channels, and V only for
+heads that keep some), packed head-major in one flat K and one flat V buffer.
 
-* **sink** ``[B, H_kv, S, D]`` — the first ``S`` *real* tokens of each row (left padding
-  skipped), full K and V;
-* **window** ``[B, H_kv, cap, D]`` — the most recent tokens, full K and V. It holds
-  between ``recent`` and ``recent + chunk - 1`` tokens after each step: tokens leave it
-  ``chunk`` at a time, so the cost of moving them is paid once per chunk, not per step;
-* **middle** — everything in between, stored *compressed*: KV heads are grouped by their
-  kept-channel count ``c``; each group's K ``[B, n_heads, cap, c]`` (only its kept
-  channels, packed) and V ``[B, n_heads, cap, D]`` are views of one flat buffer per layer
-  (``mid_k`` ``[B, cap * sum(c)]``, ``mid_v`` ``[B, cap * n_kept_heads * D]``, heads in group
-  order), so one kernel launch reads every group through per-head offset tables. Heads that
-  keep no channel store nothing for middle tokens: they attend to sink and window only.
+* The prompt (the first update) is attended with plain SDPA, then stored (see
+  :mod:`leank.attention` for the protocol).
+* A **decode step** (one token per row) is a fixed-shape, tensor-indexed update: the token
+  in the ring slot the new token takes (``R + 1`` positions back) moves to the sink or the
+  middle store, the new token is written there, ``seen`` is incremented — all on device
+  tensors, so a step never reads a host value, never branches on the length and never
+  allocates: it can be captured in a CUDA graph (``is_compileable``) and
+  ``generate()`` compiles it on CUDA when the cache is built with ``max_length``.
+* A multi-token step after the prompt is attended exactly (torch path), then stored.
 
-Positions are absolute (padding included). Row ``b`` has ``pads[b]`` leading pad tokens;
-the window covers positions ``[w0, seen)``, middle slot ``i`` is position ``c0 + i``.
-A middle slot is valid for row ``b`` iff its position is ``>= pads[b] + S`` (the row's
-sink and pads are never counted there), a sink slot ``s`` iff ``pads[b] + s < w0`` (it has
-left the window), a window slot iff its position is ``>= pads[b]``.
+Memory: with ``max_length`` every buffer is allocated at the prompt for that many tokens
+per row (the ideal LeanK bytes at ``max_length`` plus the overhead itemised by
+:meth:`LeanKLayer.overhead_nbytes`). Without it the middle store is sized exactly at the
+prompt and grows when full, by a sixteenth but never past the dense cache's size, and the
+ring starts at the prompt's length: the cache never holds more than a ``DynamicCache``
+for the same tokens plus ``S + R + 2`` full tokens per row (sink and ring capacity,
+scratch slots) and its index tables.
 
-The first ``update`` (the prompt) returns a handle whose attention is plain SDPA over
-the full prompt; the handle then learns each row's padding from the mask, and the layer
-compresses everything but the window. Later updates append to the window and attend
-with :func:`leank.kernels.decode_attention`.
-
-    cache = LeanKCache(model, mask)
+    cache = LeanKCache(model, mask, max_length=8192)
     model.generate(**inputs, **cache_kwargs(cache), max_new_tokens=32)
     print(cache.nbytes(), cache.dense_nbytes())
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+from .attention import Handle
+from .contract import DecodeView
 from .errors import LeanKError
-from .kernels import decode_attention
+from .kernels import decode_attention, decode_attention_torch, resolve_backend
 from .masks import ChannelMask, check_window
 from .models import check_supported
-
-
-class LeanKHandle:
-    """What ``update`` returns instead of K/V tensors; the ``"leank"`` attention function
-    calls :meth:`attend` on it."""
-
-    __slots__ = ("layer",)
-
-    def __init__(self, layer: LeanKLayer):
-        self.layer = layer
-
-    def attend(self, module, query: torch.Tensor, attention_mask, *, scaling: float, dropout: float = 0.0):
-        """Attention output ``[B, q, H_q, D]`` for ``query`` ``[B, H_q, q, D]``."""
-        layer = self.layer
-        if layer.prefill_pending:
-            out, _ = sdpa_attention_forward(
-                module, query, layer.window_k, layer.window_v, attention_mask, scaling=scaling, dropout=dropout
-            )
-            layer.finish_prefill(pads_from_mask(attention_mask, query.shape[0], query.device))
-            return out
-        out = decode_attention(query, layer, scaling)
-        layer.evict()
-        return out.transpose(1, 2).contiguous()
-
-
-def pads_from_mask(attention_mask: torch.Tensor | None, batch: int, device) -> torch.Tensor:
-    """Leading pad tokens per row, read from the last query row of the prompt's mask."""
-    if attention_mask is None:
-        return torch.zeros(batch, dtype=torch.long, device=device)
-    row = attention_mask[:, 0, -1, :]
-    visible = row if row.dtype == torch.bool else row == 0
-    return visible.int().argmax(-1).expand(batch).to(torch.long)
-
-
-@dataclass
-class MiddleGroup:
-    """KV heads of one layer that keep the same number of channels (``c > 0``)."""
-
-    heads: torch.Tensor  # long [n]
-    channels: torch.Tensor  # long [n, c], ascending per head
-    koff: int  # first channel of this group in a token's packed K (sum of c over earlier heads)
-    voff: int  # first head of this group among the heads that keep V
-    keys: torch.Tensor | None = None  # [B, n, cap, c], a view of the layer's mid_k
-    values: torch.Tensor | None = None  # [B, n, cap, D], a view of the layer's mid_v
-
-    @property
-    def kept(self) -> int:
-        return self.channels.shape[1]
 
 
 def _nbytes(*tensors: torch.Tensor | None) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
+def _mark_static(*tensors: torch.Tensor) -> None:
+    """Tell torch.compile these buffers keep their address (updated in place), as
+    transformers' StaticLayer does: CUDA graphs then read them without copies."""
+    if not torch.compiler.is_compiling():
+        for t in tensors:
+            torch._dynamo.mark_static_address(t)
+
+
 class LeanKLayer(DynamicLayer):
-    """One decoder layer's LeanK cache; see the module docstring for the layout."""
+    """One decoder layer's LeanK cache; see the module docstring and :mod:`leank.contract`."""
 
     is_croppable = False
-    is_compileable = False
 
-    def __init__(self, kept: torch.Tensor, *, sink: int, recent: int, chunk: int, max_length: int | None = None):
+    def __init__(self, kept: torch.Tensor, *, sink: int, recent: int, max_length: int | None = None,
+                 backend: str = "auto"):
         super().__init__()
         self.kept = kept.to(torch.bool)  # [H_kv, D]
-        self.sink, self.recent, self.chunk, self.max_length = sink, recent, chunk, max_length
+        self.sink, self.recent, self.max_length, self.backend = sink, recent, max_length, backend
+        self.is_compileable = max_length is not None
+        counts = self.kept.sum(-1)
+        self.head_counts = tuple(int(c) for c in counts)
+        self.kv_heads = sum(c > 0 for c in self.head_counts)  # heads whose middle V is stored
+        self.middle_width = sum(self.head_counts)  # K elements per middle token
         self._clear()
 
     # ---- state -------------------------------------------------------------------
     def _clear(self) -> None:
         self.keys = self.values = None
         self.is_initialized = False
-        self.seen = 0  # tokens seen, padding included
-        self.pads: torch.Tensor | None = None  # long [B]
-        self.pad_list: list[int] | None = None
-        self.w0 = 0  # absolute position of window slot 0
-        self.c0 = 0  # absolute position of middle slot 0
-        self.window_k = self.window_v = None
-        self.window_len = 0
-        self.sink_k = self.sink_v = None
-        self.groups: list[MiddleGroup] = []
-        self.mid_k = self.mid_v = None  # flat middle buffers; groups hold views of them
-        self.head_tables: tuple[torch.Tensor, ...] = ()
-        self.middle_len = 0
-        self.prefill_pending = False
+        self.view: DecodeView | None = None
+        self.pending: tuple[torch.Tensor, torch.Tensor] | None = None  # K/V stored after their attention
+        self.length = 0  # tokens stored (host copy of `seen`; not kept up by compiled steps)
+        self.capacity = 0  # middle token slots, scratch excluded
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.device, self.dtype = key_states.device, key_states.dtype
         self.batch, self.num_kv_heads, _, self.head_dim = key_states.shape
-        if tuple(self.kept.shape) != (self.num_kv_heads, self.head_dim):
+        H, D = self.num_kv_heads, self.head_dim
+        if tuple(self.kept.shape) != (H, D):
             raise LeanKError(
-                f"mask rows {tuple(self.kept.shape)} do not match this layer's K "
-                f"{(self.num_kv_heads, self.head_dim)}: use a mask made for this model"
+                f"mask rows {tuple(self.kept.shape)} do not match this layer's K {(H, D)}: "
+                "use a mask made for this model"
             )
-        counts = self.kept.sum(-1)
-        self.groups = []
-        # Per-head tables for kernels: kept count, K offset (channels), V offset (heads) in
-        # the flat middle buffers, and the kept channel indices (padded with 0).
-        head_c = torch.zeros(self.num_kv_heads, dtype=torch.int32)
-        head_koff = torch.zeros_like(head_c)
-        head_voff = torch.zeros_like(head_c)
-        head_chan = torch.zeros(self.num_kv_heads, self.head_dim, dtype=torch.int32)
+        # Per-head tables (the contract's head_c/koff/voff/chan) and, for storing tokens,
+        # where each packed K channel and each stored V element comes from in a token's
+        # flattened [H * D] K/V.
+        head_c = torch.tensor(self.head_counts, dtype=torch.int32)
+        head_koff = torch.zeros(H, dtype=torch.int32)
+        head_voff = torch.zeros(H, dtype=torch.int32)
+        head_chan = torch.zeros(H, D, dtype=torch.int32)
+        k_src, k_head, k_col, v_head = [], [], [], []
         koff = voff = 0
-        for c in sorted(set(counts.tolist()) - {0}):
-            heads = (counts == c).nonzero().flatten()
-            channels = torch.stack([self.kept[h].nonzero().flatten() for h in heads.tolist()])
-            for i, h in enumerate(heads.tolist()):
-                head_c[h], head_koff[h], head_voff[h] = c, koff + i * c, voff + i
-                head_chan[h, :c] = channels[i]
-            self.groups.append(MiddleGroup(heads.to(self.device), channels.to(self.device), koff, voff))
-            koff, voff = koff + c * len(heads), voff + len(heads)
-        self.middle_k_width, self.middle_v_heads = koff, voff
-        self.head_counts: list[int] = counts.tolist()
-        self.head_tables = tuple(t.to(self.device) for t in (head_c, head_koff, head_voff, head_chan))
+        for h, c in enumerate(self.head_counts):
+            if not c:
+                continue
+            channels = self.kept[h].nonzero().flatten()
+            head_koff[h], head_voff[h] = koff, voff
+            head_chan[h, :c] = channels
+            k_src += (h * D + channels).tolist()
+            k_head += [koff] * c
+            k_col += list(range(c))
+            v_head.append(voff)
+            koff, voff = koff + c, voff + 1
+        dev = self.device
+        self.tables = tuple(t.to(dev) for t in (head_c, head_koff, head_voff, head_chan))
+        long = dict(dtype=torch.long, device=dev)
+        kept_heads = [h for h, c in enumerate(self.head_counts) if c]
+        self.k_src = torch.tensor(k_src, **long)
+        self.k_head_off = torch.tensor(k_head, **long)  # the head's K offset (channels), per packed channel
+        self.k_col = torch.tensor(k_col, **long)  # position within the head's kept channels
+        self.k_step = torch.tensor([c for c in self.head_counts for _ in range(c)], **long)  # the head's count
+        self.v_src = (torch.tensor(kept_heads, **long)[:, None] * D + torch.arange(D, device=dev)).flatten()
+        self.v_head_off = torch.tensor(v_head, **long).repeat_interleave(D)
+        self.v_col = torch.arange(D, device=dev).repeat(len(kept_heads))
+        self.seen = torch.zeros((), **long)
+        self.c0 = torch.zeros((), **long)
         self.is_initialized = True
 
     # ---- the transformers contract --------------------------------------------------
@@ -161,28 +128,50 @@ class LeanKLayer(DynamicLayer):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         q = key_states.shape[-2]
-        if self.seen == 0:
-            # The prompt: keep the tensors as they are; attention runs dense over them and
-            # compresses right after (see `finish_prefill`).
-            self.window_k, self.window_v, self.window_len = key_states, value_states, q
-            self.prefill_pending = True
+        if self.view is None:  # the prompt: SDPA over it, then `after_prefill` stores it
+            self.pending = (key_states, value_states)
+            handle = Handle(self, prompt=self.pending)
+        elif q == 1:
+            if not torch.compiler.is_compiling():
+                self._reserve(self.length + 1)
+                self.length += 1
+            self._step(key_states, value_states)
+            handle = Handle(self)
         else:
-            self._reserve_window(self.window_len + q)
-            self.window_k[:, :, self.window_len : self.window_len + q] = key_states
-            self.window_v[:, :, self.window_len : self.window_len + q] = value_states
-            self.window_len += q
-        self.seen += q
-        handle = LeanKHandle(self)
+            self._reserve(int(self.seen) + q)
+            self.pending = (key_states, value_states)
+            handle = Handle(self)
         return handle, handle
 
-    def get_seq_length(self) -> int:
-        return self.seen
+    def after_prefill(self, query: torch.Tensor, pads: torch.Tensor) -> None:
+        """Called by the attention function after the dense prompt attention: allocate the
+        stores for this batch and its padding, and store the prompt."""
+        k, v = self.pending
+        self.pending = None
+        self._allocate(pads.to(self.device, torch.long), k.shape[2])
+        self._commit(k, v)
+
+    def attend(self, query: torch.Tensor, scaling: float) -> torch.Tensor:
+        """LeanK attention ``[B, H_q, q, D]`` of the step's queries ``[B, H_q, q, D]``."""
+        if self.pending is not None:  # several tokens after the prompt: exact torch path, then store
+            out = decode_attention_torch(query, self.view, scaling, pending=self.pending)
+            self._commit(*self.pending)
+            self.pending = None
+            return out
+        return decode_attention(query, self.view, scaling, backend=self.backend)
+
+    def get_seq_length(self):
+        return self.seen if self.view is not None else 0
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.seen + query_length, 0
+        # The decode path reads no mask (padding is known from the prompt); a fixed size keeps
+        # the mask's shape static under torch.compile.
+        if self.view is None:
+            return query_length, 0
+        return max(self.max_length or self.length + query_length, query_length), 0
 
     def get_max_length(self) -> int:
-        return -1
+        return self.max_length if self.max_length is not None else -1
 
     def reset(self) -> None:
         self._clear()
@@ -195,218 +184,223 @@ class LeanKLayer(DynamicLayer):
 
     prefetch = offload
 
-    def _tensors(self) -> dict[str, torch.Tensor]:
-        """Every per-row tensor, by attribute path (for the batch operations)."""
-        named = {"window_k": self.window_k, "window_v": self.window_v, "sink_k": self.sink_k,
-                 "sink_v": self.sink_v, "pads": self.pads, "mid_k": self.mid_k, "mid_v": self.mid_v}
-        return {k: v for k, v in named.items() if v is not None}
-
-    def _map_batch(self, fn) -> None:
-        for name, tensor in self._tensors().items():
-            setattr(self, name, fn(tensor))
-        self._set_group_views()
-        if self.pads is not None:
-            self.pad_list = self.pads.tolist()
-        if self.window_k is not None:
-            self.batch = self.window_k.shape[0]
+    # ---- batch operations (beam search, batch expansion) ------------------------------
+    def _rows(self) -> tuple[str, ...]:
+        return ("sink_k", "sink_v", "ring_k", "ring_v", "mid_k", "mid_v", "pads")
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        if self.seen:
-            self._map_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
+        if self.view is not None:  # in place: the buffers keep their addresses (CUDA graphs)
+            for name in self._rows():
+                t = getattr(self, name)
+                t.copy_(t.index_select(0, beam_idx.to(t.device)))
+
+    def _map_rows(self, fn) -> None:
+        if self.view is None:
+            return
+        for name in self._rows():
+            setattr(self, name, fn(getattr(self, name)))
+        self.batch = self.pads.shape[0]
+        _mark_static(*(getattr(self, name) for name in self._rows()))
+        self._set_view()
 
     def batch_repeat_interleave(self, repeats: int) -> None:
-        if self.seen:
-            self._map_batch(lambda t: t.repeat_interleave(repeats, dim=0))
+        self._map_rows(lambda t: t.repeat_interleave(repeats, dim=0))
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        if self.seen:
-            self._map_batch(lambda t: t[indices.to(t.device) if isinstance(indices, torch.Tensor) else indices])
+        self._map_rows(lambda t: t[indices.to(t.device) if isinstance(indices, torch.Tensor) else indices])
 
-    # ---- compression --------------------------------------------------------------
-    def finish_prefill(self, pads: torch.Tensor) -> None:
-        """Called by the attention function after the dense prompt attention."""
-        self.pads = pads.to(self.device, torch.long)
-        self.pad_list = self.pads.tolist()
-        self.c0 = min(self.pad_list) + self.sink
-        self.prefill_pending = False
-        if self.sink:
-            shape = (self.batch, self.num_kv_heads, self.sink, self.head_dim)
-            self.sink_k = torch.zeros(shape, dtype=self.dtype, device=self.device)
-            self.sink_v = torch.zeros(shape, dtype=self.dtype, device=self.device)
-        # Compress the prompt's head, then copy its tail into the window's own buffer (the
-        # prompt's K/V tensors belong to the model's forward pass and are dropped here).
-        n = self._evict_head()
-        k, v, remaining = self.window_k, self.window_v, self.window_len - n
-        self.window_k = self.window_v = None
-        self.window_len = 0
-        self._reserve_window(max(remaining, self.recent + self.chunk))
-        self.window_k[:, :, :remaining] = k[:, :, n : n + remaining]
-        self.window_v[:, :, :remaining] = v[:, :, n : n + remaining]
-        self.window_len = remaining
+    # ---- storage -------------------------------------------------------------------
+    def _allocate(self, pads: torch.Tensor, prompt: int) -> None:
+        B, H, D, S = self.batch, self.num_kv_heads, self.head_dim, self.sink
+        total = self.max_length if self.max_length is not None else prompt
+        if total < prompt:
+            raise LeanKError(f"the prompt has {prompt} tokens, more than this cache's max_length {total}")
+        kw = dict(dtype=self.dtype, device=self.device)
+        ring = min(self.recent + 1, total)
+        self.sink_k = torch.zeros(B, H, S + 1, D, **kw)
+        self.sink_v = torch.zeros(B, H, S + 1, D, **kw)
+        self.ring_k = torch.zeros(B, H, ring, D, **kw)
+        self.ring_v = torch.zeros(B, H, ring, D, **kw)
+        self.pads = pads.clone()  # its own storage: reorders write it in place
+        self.c0.fill_(int(pads.min()) + S)
+        self.seen.zero_()
+        self.length = 0
+        self._layout_middle(max(0, total - (self.recent + 1) - (int(pads.min()) + S)))
+        _mark_static(self.sink_k, self.sink_v, self.ring_k, self.ring_v, self.pads, self.seen, self.c0)
 
-    def evict(self) -> None:
-        """Move the oldest window tokens, ``chunk`` at a time, to the sink and middle stores."""
-        n = self._evict_head()
-        if n:
-            remaining = self.window_len - n
-            for buf in (self.window_k, self.window_v):
-                tail = buf[:, :, n : n + remaining]
-                buf[:, :, :remaining] = tail.clone() if n < remaining else tail
-            self.window_len = remaining
+    def _layout_middle(self, capacity: int) -> None:
+        """(Re)allocate the middle store for ``capacity`` token slots (plus one scratch slot)
+        and copy what it holds."""
+        old = (self.mid_k, self.mid_v, self.capacity + 1) if self.capacity else None
+        slots, B, D = capacity + 1, self.batch, self.head_dim
+        kw = dict(dtype=self.dtype, device=self.device)
+        self.mid_k = torch.zeros(B, max(1, slots * self.middle_width), **kw)
+        self.mid_v = torch.zeros(B, max(1, slots * self.kv_heads * D), **kw)
+        if old is not None:
+            old_k, old_v, old_slots = old
+            used = old_slots - 1
+            for h, c in enumerate(self.head_counts):
+                if c:
+                    ko, vo = int(self.tables[1][h]), int(self.tables[2][h])
+                    k_new, k_old = ko * slots, ko * old_slots
+                    v_new, v_old = vo * slots * D, vo * old_slots * D
+                    self.mid_k[:, k_new : k_new + used * c] = old_k[:, k_old : k_old + used * c]
+                    self.mid_v[:, v_new : v_new + used * D] = old_v[:, v_old : v_old + used * D]
+        self.capacity = capacity
+        # Where slot 0 of each packed K channel / stored V element lives; slot i adds i * step.
+        self.k_base = self.k_head_off * slots + self.k_col
+        self.v_base = self.v_head_off * slots * D + self.v_col
+        _mark_static(self.mid_k, self.mid_v)
+        self._set_view()
 
-    def _evict_head(self) -> int:
-        """Copy the window's oldest tokens that must leave it to sink/middle; return how many."""
-        excess = self.window_len - self.recent
-        if excess < self.chunk:
-            return 0
-        n = excess // self.chunk * self.chunk
-        k, v = self.window_k[:, :, :n], self.window_v[:, :, :n]
-        if self.w0 < max(self.pad_list) + self.sink:
-            self._to_sink(k, v)
-        start = max(self.w0, self.c0) - self.w0
-        if start < n:
-            self._to_middle(k[:, :, start:], v[:, :, start:])
-        self.w0 += n
-        return n
+    def _set_view(self) -> None:
+        self.view = DecodeView(
+            self.sink_k, self.sink_v, self.ring_k, self.ring_v, self.mid_k, self.mid_v, *self.tables,
+            self.pads, self.seen, self.c0, sink=self.sink, recent=self.recent, slots=self.capacity + 1,
+            head_counts=self.head_counts,
+        )
 
-    def _to_sink(self, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Copy the evicted tokens that are some row's first ``sink`` real tokens."""
-        n = k.shape[2]
-        for b, pad in enumerate(self.pad_list):
-            lo, hi = max(self.w0, pad), min(self.w0 + n, pad + self.sink)
-            if lo < hi:
-                self.sink_k[b, :, lo - pad : hi - pad] = k[b, :, lo - self.w0 : hi - self.w0]
-                self.sink_v[b, :, lo - pad : hi - pad] = v[b, :, lo - self.w0 : hi - self.w0]
-
-    def _to_middle(self, k: torch.Tensor, v: torch.Tensor) -> None:
-        n = k.shape[2]
-        self._reserve_middle(self.middle_len + n)
-        end = self.middle_len + n
-        for g in self.groups:
-            kg = k.index_select(1, g.heads)
-            idx = g.channels[None, :, None, :].expand(kg.shape[0], -1, n, -1)
-            g.keys[:, :, self.middle_len : end] = kg.gather(-1, idx)
-            g.values[:, :, self.middle_len : end] = v.index_select(1, g.heads)
-        self.middle_len = end
-
-    # ---- buffers -------------------------------------------------------------------
-    def _reserve_window(self, needed: int) -> None:
-        if self.window_k is not None and self.window_k.shape[2] >= needed:
+    def _reserve(self, tokens: int) -> None:
+        """Room for ``tokens`` tokens per row (eager only): grow the ring (up to ``R + 1``) and
+        the middle store; a cache built with ``max_length`` refuses to pass it instead."""
+        if self.max_length is not None:
+            if tokens > self.max_length:
+                raise LeanKError(
+                    f"this LeanK cache was built for max_length={self.max_length} tokens per row and the "
+                    f"sequence reaches {tokens}: build it with a larger max_length"
+                )
             return
-        shape = (self.batch, self.num_kv_heads, max(needed, self.recent + self.chunk), self.head_dim)
-        new_k = torch.empty(shape, dtype=self.dtype, device=self.device)
-        new_v = torch.empty(shape, dtype=self.dtype, device=self.device)
-        if self.window_len:
-            new_k[:, :, : self.window_len] = self.window_k[:, :, : self.window_len]
-            new_v[:, :, : self.window_len] = self.window_v[:, :, : self.window_len]
-        self.window_k, self.window_v = new_k, new_v
+        ring = self.ring_k.shape[2]
+        if tokens > ring and ring < self.recent + 1:  # nothing has left the ring yet: slot = position
+            size = min(self.recent + 1, max(tokens, ring + ring // 4))
+            for name in ("ring_k", "ring_v"):
+                old = getattr(self, name)
+                new = old.new_zeros(*old.shape[:2], size, old.shape[3])
+                new[:, :, :ring] = old
+                setattr(self, name, new)
+            self._set_view()
+        needed = tokens - (self.recent + 1) - int(self.c0)
+        if needed > self.capacity:
+            # A sixteenth more (amortised: 16 token copies per step, against the M tokens attention
+            # reads), but never more middle bytes than the dense cache holds for `tokens`.
+            full_token = 2 * self.num_kv_heads * self.head_dim
+            middle_token = self.middle_width + self.kv_heads * self.head_dim
+            dense_bound = tokens * full_token // max(1, middle_token)
+            self._layout_middle(max(needed, min(self.capacity + self.capacity // 16, dense_bound)))
 
-    def middle_capacity(self) -> int:
-        return self.mid_k.shape[1] // self.middle_k_width if self.mid_k is not None else 0
-
-    def _set_group_views(self) -> None:
-        """Point every group's ``keys``/``values`` at its part of the flat middle buffers."""
-        cap = self.middle_capacity()
-        for g in self.groups:
-            n, c, D = g.heads.numel(), g.kept, self.head_dim
-            g.keys = self.mid_k[:, cap * g.koff : cap * (g.koff + n * c)].view(-1, n, cap, c)
-            g.values = self.mid_v[:, cap * D * g.voff : cap * D * (g.voff + n)].view(-1, n, cap, D)
-
-    def _reserve_middle(self, needed: int) -> None:
-        cap = self.middle_capacity()
-        if needed <= cap or not self.groups:
+    def _store(self, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Write tokens at positions ``pos`` ``[m]`` (K/V ``[B, H, m, D]``) that leave the ring
+        into the sink (rows where they are among the first ``S`` real tokens) and the middle
+        store; writes that belong nowhere go to scratch slots. Fixed shapes, no host values."""
+        B, H, m, D = k.shape
+        S = self.sink
+        idx = pos[None, :] - self.pads[:, None]  # [B, m] sink slot
+        idx = torch.where((idx >= 0) & (idx < S), idx, S)[:, None, :, None].expand(B, H, m, D)
+        self.sink_k.scatter_(2, idx, k)
+        self.sink_v.scatter_(2, idx, v)
+        if not self.middle_width:
             return
-        # Exact at the prompt (or the announced max_length), then geometric growth by 1/4:
-        # amortised O(1) copies per token with at most 25% slack.
-        new_cap = needed if cap == 0 else max(needed, cap + cap // 4)
-        if cap == 0 and self.max_length is not None:
-            new_cap = max(needed, self.max_length - self.c0 - self.recent)
-        old = [(g.keys, g.values) for g in self.groups]
-        kw = {"dtype": self.dtype, "device": self.device}
-        self.mid_k = torch.empty(self.batch, new_cap * self.middle_k_width, **kw)
-        self.mid_v = torch.empty(self.batch, new_cap * self.middle_v_heads * self.head_dim, **kw)
-        self._set_group_views()
-        if self.middle_len:
-            for g, (keys, values) in zip(self.groups, old, strict=True):
-                g.keys[:, :, : self.middle_len] = keys[:, :, : self.middle_len]
-                g.values[:, :, : self.middle_len] = values[:, :, : self.middle_len]
+        slot = pos - self.c0
+        slot = torch.where((slot >= 0) & (slot < self.capacity), slot, self.capacity)[:, None]  # [m, 1]
+        k_tok = k.transpose(1, 2).reshape(B, m, H * D)
+        v_tok = v.transpose(1, 2).reshape(B, m, H * D)
+        self.mid_k.index_copy_(1, (self.k_base + slot * self.k_step).flatten(), k_tok[:, :, self.k_src].flatten(1))
+        self.mid_v.index_copy_(1, (self.v_base + slot * D).flatten(), v_tok[:, :, self.v_src].flatten(1))
 
-    # ---- validity (per row) ----------------------------------------------------------
-    def sink_valid(self) -> torch.Tensor:
-        """bool ``[B, S]``: sink slot holds a real token that has left the window."""
-        slots = torch.arange(self.sink, device=self.device)
-        return self.pads[:, None] + slots[None] < self.w0
+    def _step(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """A decode step's update: the token ``W`` positions back leaves the ring slot the new
+        token takes (to sink/middle; nothing when it does not exist), then the new one is written."""
+        ring = self.ring_k.shape[2]
+        slot = (self.seen % ring).view(1)
+        self._store((self.seen - ring).view(1), self.ring_k.index_select(2, slot), self.ring_v.index_select(2, slot))
+        self.ring_k.index_copy_(2, slot, k)
+        self.ring_v.index_copy_(2, slot, v)
+        self.seen.add_(1)
 
-    def middle_valid(self) -> torch.Tensor:
-        """bool ``[B, M]``: middle slot holds a middle token of that row."""
-        pos = self.c0 + torch.arange(self.middle_len, device=self.device)
-        return pos[None] >= self.pads[:, None] + self.sink
-
-    def window_valid(self, q_len: int) -> torch.Tensor:
-        """bool ``[B, q, W]``: window slot is a real token visible to each of the last ``q`` queries."""
-        pos = self.w0 + torch.arange(self.window_len, device=self.device)
-        qpos = self.seen - q_len + torch.arange(q_len, device=self.device)
-        causal = pos[None, :] <= qpos[:, None]
-        return causal[None] & (pos[None, None, :] >= self.pads[:, None, None])
+    def _commit(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store ``m`` new tokens (eager: prompt or a multi-token step), attended already."""
+        ring, start = self.ring_k.shape[2], int(self.seen)  # (compiled steps do not keep `length`)
+        end = start + k.shape[2]
+        dev = self.device
+        pos = torch.arange(max(0, start - ring), end, device=dev)  # the ring's tokens, then the new ones
+        old = pos[pos < start] % ring
+        keys = torch.cat([self.ring_k[:, :, old], k], 2)
+        values = torch.cat([self.ring_v[:, :, old], v], 2)
+        leave = pos < end - ring
+        if bool(leave.any()):
+            self._store(pos[leave], keys[:, :, leave], values[:, :, leave])
+        stay = ~leave
+        self.ring_k.index_copy_(2, pos[stay] % ring, keys[:, :, stay])
+        self.ring_v.index_copy_(2, pos[stay] % ring, values[:, :, stay])
+        self.seen.fill_(end)
+        self.length = end
 
     # ---- accounting -----------------------------------------------------------------
-    def nbytes(self) -> int:
-        """Bytes of every tensor this layer holds (capacity, not just the used part)."""
-        if self.prefill_pending:
-            return _nbytes(self.window_k, self.window_v)
-        total = _nbytes(self.window_k, self.window_v, self.sink_k, self.sink_v, self.pads, self.mid_k, self.mid_v)
-        return total + _nbytes(*self._index_tensors())
+    def _stored(self) -> int:
+        return int(self.seen) if self.view is not None else 0
 
     def _index_tensors(self) -> list[torch.Tensor]:
-        return [*self.head_tables, *[t for g in self.groups for t in (g.heads, g.channels)]]
+        return [*self.tables, self.pads, self.seen, self.c0, self.k_src, self.k_head_off, self.k_col, self.k_step,
+                self.v_src, self.v_head_off, self.v_col, self.k_base, self.v_base]
 
-    def overhead_nbytes(self) -> dict[str, int]:
-        """Where allocated bytes exceed :meth:`ideal_nbytes`, by cause (documented bound):
+    def nbytes(self) -> int:
+        """Bytes of every tensor this layer holds (capacity, not just the used part)."""
+        if self.view is None:
+            return _nbytes(*self.pending) if self.pending is not None else 0
+        return _nbytes(self.sink_k, self.sink_v, self.ring_k, self.ring_v, self.mid_k, self.mid_v,
+                       *self._index_tensors())
 
-        * ``window``: the window buffer's capacity beyond ``recent`` tokens (up to
-          ``chunk`` + new tokens, full K and V);
-        * ``middle_slack``: middle capacity not yet filled (0 right after the prompt,
-          at most 1/4 after growth);
-        * ``padding``: middle slots of left-padded rows that precede the row's sink
-          (``max(pads) - min(pads)`` tokens at most);
-        * ``index``: channel/head index tensors, kernel tables and per-row pad counts.
-        """
-        if not self.seen or self.prefill_pending:
-            return {}
-        full_token = 2 * self.num_kv_heads * self.head_dim * self.window_k.element_size()
-        middle_token = sum(_nbytes(g.keys[:, :, :1], g.values[:, :, :1]) for g in self.groups) // self.batch
-        window_extra = max(0, self.window_k.shape[2] - self.recent) * full_token * self.batch
-        cap = self.middle_capacity()
-        padding_slots = int(sum(min(self.middle_len, max(0, pad + self.sink - self.c0)) for pad in self.pad_list))
-        return {
-            "window": window_extra,
-            "middle_slack": (cap - self.middle_len) * middle_token * self.batch,
-            "padding": padding_slots * middle_token,
-            "index": _nbytes(self.pads, *self._index_tensors()),
-        }
+    def _token_bytes(self) -> tuple[int, int]:
+        """(bytes of a full token, bytes of a middle token) per row."""
+        elem = torch.empty((), dtype=self.dtype).element_size()
+        return 2 * self.num_kv_heads * self.head_dim * elem, (self.middle_width + self.kv_heads * self.head_dim) * elem
 
     def ideal_nbytes(self) -> int:
-        """Bytes the method needs at the current length: per row, min(S, n) + min(R, rest) tokens
-        full, the remaining middle tokens with only kept K channels and V of non-empty heads."""
-        if not self.seen:
+        """Bytes the method needs at the current length: per row, its first ``S`` real tokens and
+        the ``R`` most recent in full, every other real token with only the kept K channels and
+        the V of heads that keep some."""
+        seen = self._stored()
+        if not seen:
             return 0
-        elem = torch.empty((), dtype=self.dtype).element_size()
-        counts = self.kept.sum(-1)
-        middle_token = int(counts.sum()) + self.head_dim * int((counts > 0).sum())
-        full_token = 2 * self.num_kv_heads * self.head_dim
+        full_token, middle_token = self._token_bytes()
         total = 0
-        for pad in self.pad_list or [0] * self.batch:
-            n = self.seen - pad
+        for pad in self.pads.tolist():
+            n = seen - pad
             full = min(self.sink, n) + min(self.recent, max(0, n - self.sink))
             total += full * full_token + (n - full) * middle_token
-        return total * elem
+        return total
+
+    def overhead_nbytes(self) -> dict[str, int]:
+        """Where allocated bytes exceed :meth:`ideal_nbytes`, by cause (they sum to the difference):
+
+        * ``middle_slack``: middle slots not yet filled, plus the scratch slot (0 filled
+          slots unused right after a prompt without ``max_length``; up to a sixteenth after growth);
+        * ``padding``: middle slots of left-padded rows that precede the row's sink
+          (``max(pads) - min(pads)`` tokens at most);
+        * ``index``: the contract's tables, per-row pads, lengths and the store index tensors;
+        * ``window``: the rest — sink and ring slots beyond the ideal's full tokens (scratch
+          slot, the ring's ``R + 1``-th token, slots of rows shorter than ``S + R``): at most
+          ``S + R + 2`` full tokens per row.
+        """
+        seen = self._stored()
+        if not seen:
+            return {}
+        _, middle_token = self._token_bytes()
+        M = max(0, seen - self.ring_k.shape[2] - int(self.c0))
+        c0 = int(self.c0)
+        padding = sum(min(M, max(0, pad + self.sink - c0)) for pad in self.pads.tolist()) * middle_token
+        out = {
+            "middle_slack": (self.capacity + 1 - M) * middle_token * self.batch,
+            "padding": padding,
+            "index": _nbytes(*self._index_tensors()),
+        }
+        out["window"] = self.nbytes() - self.ideal_nbytes() - sum(out.values())
+        return out
 
     def dense_nbytes(self) -> int:
         """Bytes a DynamicCache holds for the same tokens (padding included)."""
-        if not self.seen:
-            return 0
-        elem = torch.empty((), dtype=self.dtype).element_size()
-        return 2 * self.batch * self.num_kv_heads * self.seen * self.head_dim * elem
+        seen = self._stored()
+        return self.batch * seen * self._token_bytes()[0] if seen else 0
 
 
 class LeanKCache(Cache):
@@ -414,15 +408,17 @@ class LeanKCache(Cache):
 
     ``model_or_config``: the model (or its config) whose attention implementation is
     ``"leank"`` (see :func:`leank.enable`). ``sink``/``recent`` default to the mask's.
-    ``chunk``: tokens moved out of the window at a time (default ``recent // 4`` within
-    [1, 64]: the window buffer holds ``recent + chunk`` tokens, and moving a chunk shifts
-    the ``recent`` tokens left behind, so ``recent / chunk`` tokens are copied per step).
-    ``max_length``: expected total tokens per row, to allocate the middle store once.
+    ``max_length``: tokens per row (prompt, padding included, plus new tokens) to allocate
+    every buffer for at the prompt; a cache with it is static (``is_compileable``: on CUDA
+    ``generate()`` captures each decode step in a CUDA graph) and refuses to go past it.
+    Without it the stores grow as needed (eager decoding only).
+    ``backend``: decode attention (``"auto"``, ``"torch"``, ``"triton"``; see
+    :mod:`leank.kernels`), resolved once here.
     """
 
     def __init__(
         self, model_or_config, mask: ChannelMask, *, sink: int | None = None, recent: int | None = None,
-        chunk: int | None = None, max_length: int | None = None,
+        max_length: int | None = None, backend: str | None = None,
     ):
         config = getattr(model_or_config, "config", model_or_config)
         config = config.get_text_config() if hasattr(config, "get_text_config") else config
@@ -431,14 +427,15 @@ class LeanKCache(Cache):
         sink = mask.sink if sink is None else sink
         recent = mask.recent if recent is None else recent
         check_window(sink, recent)
-        chunk = max(1, min(64, recent // 4)) if chunk is None else chunk
-        if not isinstance(chunk, int) or chunk < 1:
-            raise LeanKError(f"chunk must be a positive number of tokens, got {chunk!r}")
+        if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int)
+                                       or max_length < 1):
+            raise LeanKError(f"max_length must be a positive number of tokens, got {max_length!r}")
         self.config, self.mask = config, mask
-        self.sink, self.recent, self.chunk = sink, recent, chunk
+        self.sink, self.recent, self.max_length = sink, recent, max_length
         self._check_attention()
+        backend = resolve_backend(backend)
         layers = [
-            LeanKLayer(mask.kept[i], sink=sink, recent=recent, chunk=chunk, max_length=max_length)
+            LeanKLayer(mask.kept[i], sink=sink, recent=recent, max_length=max_length, backend=backend)
             for i in range(mask.num_layers)
         ]
         super().__init__(layers=layers)
@@ -452,7 +449,8 @@ class LeanKCache(Cache):
             )
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
-        self._check_attention()
+        if not torch.compiler.is_compiling():
+            self._check_attention()
         return self.layers[layer_idx].update(key_states, value_states)
 
     def nbytes(self) -> int:

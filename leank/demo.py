@@ -63,7 +63,7 @@ def run_demo(
     from .attention import enable
 
     enable(model)
-    cache = LeanKCache(model, mask)
+    cache = LeanKCache(model, mask, max_length=prompt_len + max_new_tokens)
     with torch.inference_mode():
         answer, seconds = _generate(model, tokenizer, sample.prompt, cache, max_new_tokens)
     runs.append(DemoRun("LeanK cache", answer, _correct(answer, sample), cache.nbytes(), seconds))

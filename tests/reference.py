@@ -3,11 +3,9 @@
 One forward pass over the whole generated sequence, with an eager attention written
 from the definition: prompt queries attend densely; a decode query at position ``t``
 sees every real key ``p <= t`` of its row at full precision when ``p`` is among the
-row's first ``sink`` real tokens or still in the recent window (``p >= w0(t)``), and
-otherwise through the kept channels of its KV head only (not at all when the head keeps
-none). ``w0(t)`` follows the documented eviction rule: after each step, when the window
-holds ``recent + chunk`` or more tokens, the oldest multiple of ``chunk`` leaving at least
-``recent`` move out. Everything is computed in float64.
+row's first ``sink`` real tokens or ``t - p <= recent``, and otherwise through the kept
+channels of its KV head only (not at all when the head keeps none). The rule is written
+out here, not imported from the library. Everything is computed in float64.
 """
 
 from __future__ import annotations
@@ -18,22 +16,10 @@ from transformers import AttentionInterface
 NAME = "leank_test_reference"
 
 
-def window_starts(prompt_len: int, total_len: int, recent: int, chunk: int) -> list[int]:
-    """``w0`` used by the decode queries at positions ``prompt_len .. total_len - 1``."""
-    w0, starts = 0, []
-    for seen in range(prompt_len, total_len + 1):
-        if seen > prompt_len:
-            starts.append(w0)  # the query at position seen - 1 attended with this window
-        excess = seen - w0 - recent
-        if excess >= chunk:
-            w0 += excess // chunk * chunk
-    return starts
-
-
 def _reference_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     plan = kwargs["leank_reference_plan"]
     kept = plan["kept"][module.layer_idx].to(torch.float64)  # [H, D]
-    pads, prompt_len, starts, sink = plan["pads"], plan["prompt_len"], plan["starts"], plan["sink"]
+    pads, prompt_len, sink, recent = plan["pads"], plan["prompt_len"], plan["sink"], plan["recent"]
     B, Hq, T, D = query.shape
     H = key.shape[1]
     G = Hq // H
@@ -46,13 +32,12 @@ def _reference_attention(module, query, key, value, attention_mask, scaling=None
 
     t = torch.arange(T)[:, None]
     p = torch.arange(T)[None, :]
-    w0 = torch.tensor([0] * prompt_len + starts)[:, None]  # per query position
     use_full = torch.zeros(B, 1, T, T, dtype=torch.bool)
     visible = torch.zeros(B, Hq, T, T, dtype=torch.bool)
     head_has_channels = (kept_q.sum(-1) > 0)[None, :, None, None]
     for b, pad in enumerate(pads):
         real = (p >= pad) & (p <= t)
-        is_full = (t < prompt_len) | (p - pad < sink) | (p >= w0)
+        is_full = (t < prompt_len) | (p - pad < sink) | (t - p <= recent)
         use_full[b, 0] = is_full
         visible[b] = real & (is_full | head_has_channels[0])
     scores = torch.where(use_full, full, masked).masked_fill(~visible, float("-inf"))
@@ -64,7 +49,7 @@ def _reference_attention(module, query, key, value, attention_mask, scaling=None
 AttentionInterface.register(NAME, _reference_attention)
 
 
-def reference_logits(model, sequences, attention_mask, *, kept, prompt_len, sink, recent, chunk):
+def reference_logits(model, sequences, attention_mask, *, kept, prompt_len, sink, recent):
     """Logits ``[B, T, V]`` of the masked-dense reference for full ``sequences`` ``[B, T]``."""
     pads = (attention_mask[:, :prompt_len] == 0).sum(-1).tolist()
     full_mask = torch.cat(
@@ -72,8 +57,7 @@ def reference_logits(model, sequences, attention_mask, *, kept, prompt_len, sink
     )
     position_ids = (full_mask.cumsum(-1) - 1).clamp(min=0)
     plan = {
-        "kept": kept, "pads": pads, "prompt_len": prompt_len, "sink": sink,
-        "starts": window_starts(prompt_len, sequences.shape[1], recent, chunk),
+        "kept": kept, "pads": pads, "prompt_len": prompt_len, "sink": sink, "recent": recent,
     }
     previous = model.config._attn_implementation
     model.set_attn_implementation(NAME)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 import leank
@@ -30,28 +31,79 @@ def independent_ideal(mask, lengths, seen_pad, sink, recent, head_dim, elem):
     return total * elem
 
 
+def allocated_bytes(cache) -> int:
+    """Bytes of every tensor the cache's layers hold, listed here independently."""
+    return sum(
+        t.numel() * t.element_size()
+        for layer in cache.layers
+        for t in [layer.ring_k, layer.ring_v, layer.sink_k, layer.sink_v, layer.mid_k, layer.mid_v, layer.pads,
+                  layer.seen, layer.c0, *layer.tables, layer.k_src, layer.k_head_off, layer.k_col, layer.k_step,
+                  layer.v_src, layer.v_head_off, layer.v_col, layer.k_base, layer.v_base]
+    )
+
+
+def index_bytes(cache) -> int:
+    return cache.overhead_nbytes()["index"]
+
+
 def test_measured_bytes_within_ideal_plus_documented_overhead():
     gen = torch.Generator().manual_seed(torch.seed() % 2**31)
     model = tiny_model("llama", layers=3, kv_heads=4, groups=1, head_dim=32)
     mask = leank.ChannelMask.random(3, 4, 32, sparsity=0.7, alignment=8, generator=gen)
     ids, am = left_padded([200, 150, 181], 97, gen)
+    S, R, B = 8, 16, 3
+    full_token = 2 * 4 * 32 * 4
     for steps in (1, 9, 40):
-        cache = prefill_and_decode(model, mask, ids, am, steps, sink=8, recent=16, chunk=16)
-        seen = cache.get_seq_length()
-        lengths = [seen - int((am[b] == 0).sum()) for b in range(3)]
-        ideal = independent_ideal(mask, lengths, None, 8, 16, 32, 4)
+        cache = prefill_and_decode(model, mask, ids, am, steps, sink=S, recent=R)
+        seen = int(cache.get_seq_length())
+        lengths = [seen - int((am[b] == 0).sum()) for b in range(B)]
+        ideal = independent_ideal(mask, lengths, None, S, R, 32, 4)
         assert cache.ideal_nbytes() == ideal
-        allocated = sum(
-            t.numel() * t.element_size()
-            for layer in cache.layers
-            for t in [layer.window_k, layer.window_v, layer.sink_k, layer.sink_v, layer.pads]
-            + [x for g in layer.groups for x in (g.keys, g.values, g.heads, g.channels)]
-            + list(layer.head_tables)
-        )
+        allocated = allocated_bytes(cache)
         assert cache.nbytes() == allocated
         overhead = cache.overhead_nbytes()
-        assert ideal <= allocated <= ideal + sum(overhead.values()), (allocated, ideal, overhead)
+        assert allocated == ideal + sum(overhead.values()), (allocated, ideal, overhead)
+        assert 0 <= overhead["window"] <= 3 * B * (S + R + 2) * full_token  # the documented bound
         assert allocated < cache.dense_nbytes()
+
+
+@pytest.mark.parametrize("prompt, new", [(4, 5), (1, 1), (30, 3), (60, 200)])
+def test_never_more_than_dense_plus_the_documented_constant(prompt, new):
+    """Whatever the length (here shorter and longer than sink + recent), a cache without
+    max_length holds at most the dense cache's bytes plus S + R + 2 full tokens per row per
+    layer and its index tables (issue 11: a 4-token prompt once took 14x the dense bytes)."""
+    gen = torch.Generator().manual_seed(torch.seed() % 2**31)
+    model = tiny_model("llama", layers=2, kv_heads=2, groups=2, head_dim=16)
+    mask = leank.ChannelMask.full(2, 2, 16)  # the worst case for the middle store: nothing pruned
+    ids, am = left_padded([prompt, max(1, prompt // 2)], 97, gen)
+    S, R = 8, 16
+    cache = prefill_and_decode(model, mask, ids, am, new, sink=S, recent=R)
+    full_token = 2 * 2 * 16 * 4
+    bound = cache.dense_nbytes() + 2 * 2 * (S + R + 2) * full_token + index_bytes(cache)
+    assert cache.nbytes() <= bound, (cache.nbytes(), cache.dense_nbytes(), cache.overhead_nbytes())
+
+
+def test_static_cache_allocates_the_ideal_for_max_length_plus_overhead():
+    """With max_length, everything is allocated at the prompt: the ideal bytes at max_length
+    plus scratch slots, the ring's extra token, padding slots and index tables."""
+    gen = torch.Generator().manual_seed(torch.seed() % 2**31)
+    model = tiny_model("llama", layers=2, kv_heads=4, groups=1, head_dim=32)
+    mask = leank.ChannelMask.random(2, 4, 32, sparsity=0.7, alignment=8, generator=gen)
+    ids, am = left_padded([100, 100], 97, gen)
+    S, R, max_length = 8, 16, 300
+    leank.enable(model)
+    cache = leank.LeanKCache(model, mask, sink=S, recent=R, max_length=max_length)
+    kw = dict(do_sample=False, pad_token_id=0, **leank.cache_kwargs(cache))
+    first = model.generate(input_ids=ids, attention_mask=am, max_new_tokens=5, min_new_tokens=5, **kw)
+    before = cache.nbytes()
+    model.generate(input_ids=first, attention_mask=torch.cat([am, torch.ones_like(first[:, 100:])], 1),
+                   max_new_tokens=150, min_new_tokens=150, **kw)
+    assert int(cache.get_seq_length()) == 254
+    assert cache.nbytes() == before, "a static cache allocates nothing after the prompt"
+    ideal_at_max = independent_ideal(mask, [max_length] * 2, None, S, R, 32, 4)
+    full_token = 2 * 4 * 32 * 4
+    scratch_and_ring = 2 * 2 * (2 * full_token + full_token)  # per layer and row: 2 scratch + the ring's extra
+    assert cache.nbytes() <= ideal_at_max + scratch_and_ring + index_bytes(cache)
 
 
 def test_fully_pruned_heads_store_no_middle_values():
@@ -60,9 +112,8 @@ def test_fully_pruned_heads_store_no_middle_values():
     kept = torch.zeros(1, 4, 16, dtype=torch.bool)
     kept[0, 1, :8] = True  # one head keeps 8 channels; three keep none
     ids, am = left_padded([120], 97, gen)
-    cache = prefill_and_decode(model, leank.ChannelMask(kept), ids, am, 2, sink=4, recent=8, chunk=8)
+    cache = prefill_and_decode(model, leank.ChannelMask(kept), ids, am, 2, sink=4, recent=8)
     layer = cache.layers[0]
-    assert len(layer.groups) == 1
-    g = layer.groups[0]
-    assert g.heads.tolist() == [1]
-    assert g.keys.shape[1:] == (1, layer.middle_capacity(), 8) and g.values.shape[1] == 1
+    slots = layer.capacity + 1
+    assert layer.mid_k.shape == (1, slots * 8)  # one head's 8 channels per token
+    assert layer.mid_v.shape == (1, slots * 16)  # and that head's V only

@@ -117,14 +117,14 @@ def test_leank_attention_without_leank_cache_is_plain_sdpa():
 
 
 def test_crop_refused():
-    layer = leank.LeanKLayer(torch.ones(2, 16, dtype=torch.bool), sink=1, recent=2, chunk=2)
+    layer = leank.LeanKLayer(torch.ones(2, 16, dtype=torch.bool), sink=1, recent=2)
     with pytest.raises(LeanKError, match="cannot be cropped"):
         layer.crop(-1)
 
 
 def test_unknown_backend():
     with pytest.raises(LeanKError, match="unknown LeanK attention backend"):
-        leank.kernels.pick_backend(torch.zeros(1), "cuda-magic")
+        leank.kernels.resolve_backend("cuda-magic")
 
 
 def test_cli_reports_errors_without_traceback(tmp_path, capsys):

@@ -3,9 +3,9 @@
 On a CPU these run under ``TRITON_INTERPRET=1`` (set in conftest.py) in fp32 and fp16 (the
 interpreter mishandles bf16 arithmetic); on a GPU they run compiled, in bf16 and fp16 too.
 Each case builds a LeanK layer from random K/V with left padding, decodes several steps
-(moving tokens from the window into the compressed middle) and compares, at every step,
+(moving tokens from the ring into the compressed middle) and compares, at every step,
 the kernel and a same-dtype SDPA computation with a float64 masked-dense reference built
-from the full K/V history — not from the cache's storage.
+from the full K/V history — not from the cache's storage — with the rule written out.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ pytest.importorskip("triton")
 
 from leank.cache import LeanKLayer  # noqa: E402
 from leank.errors import LeanKError  # noqa: E402
-from leank.kernels import decode_attention, pick_backend  # noqa: E402
+from leank.kernels import decode_attention, decode_attention_torch, resolve_backend  # noqa: E402
 from leank.kernels import triton_decode as td  # noqa: E402
 
 CUDA = torch.cuda.is_available()
@@ -38,23 +38,24 @@ def random_kept(H: int, D: int, counts: list[int], gen: torch.Generator) -> torc
 class History:
     """A LeanK layer fed with random K/V, and every K/V it was given (the reference's input)."""
 
-    def __init__(self, *, B, H, D, kept, sink, recent, chunk, pads, prompt, dtype, gen):
+    def __init__(self, *, B, H, D, kept, sink, recent, pads, prompt, dtype, gen, max_length=None):
         self.gen, self.dtype, self.pads = gen, dtype, pads
-        self.layer = LeanKLayer(kept.to(DEVICE), sink=sink, recent=recent, chunk=chunk)
+        self.layer = LeanKLayer(kept.to(DEVICE), sink=sink, recent=recent, max_length=max_length)
         self.k = self._rand(B, H, prompt, D)
         self.v = self._rand(B, H, prompt, D)
         self.layer.update(self.k, self.v)
-        self.layer.finish_prefill(torch.tensor(pads))
+        self.layer.after_prefill(None, torch.tensor(pads, device=DEVICE))
 
     def _rand(self, *shape):
         return (torch.randn(*shape, generator=self.gen) * 2).to(DEVICE, self.dtype)
 
     def step(self):
-        """Append one token's K/V (the state attention sees); call ``layer.evict()`` after."""
+        """Append one token's K/V: the state its query attends to."""
         B, H, _, D = self.k.shape
         k, v = self._rand(B, H, 1, D), self._rand(B, H, 1, D)
         self.k, self.v = torch.cat([self.k, k], 2), torch.cat([self.v, v], 2)
         self.layer.update(k, v)
+        return k, v
 
     def visibility(self):
         """(use_full [B, 1, T], visible [B, H, T]) for the newest query, from the definition."""
@@ -64,7 +65,7 @@ class History:
         use_full = torch.zeros(B, 1, T, dtype=torch.bool, device=DEVICE)
         visible = torch.zeros(B, H, T, dtype=torch.bool, device=DEVICE)
         for b, pad in enumerate(self.pads):
-            full = (p - pad < layer.sink) | (p >= layer.w0)
+            full = (p - pad < layer.sink) | (T - 1 - p <= layer.recent)
             use_full[b, 0] = full
             visible[b] = (p >= pad) & (full | has_channels[:, None])
         return use_full, visible
@@ -86,30 +87,36 @@ def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
     return ((x.double() - ref).abs().max() / ref.abs().max()).item()
 
 
-def run_case(*, B, H, G, D, counts, sink, recent, chunk, pads, prompt, steps, dtype, budget, seed):
+def middle_tokens(layer: LeanKLayer) -> int:
+    """Tokens in the compressed middle store (from the contract's lengths)."""
+    return max(0, int(layer.seen) - layer.ring_k.shape[2] - int(layer.c0))
+
+
+def check_step(hist: History, query: torch.Tensor, out: torch.Tensor, dtype) -> None:
+    scaling = 1 / math.sqrt(query.shape[-1])
+    ref = hist.attention(query, scaling, torch.float64)
+    same = hist.attention(query, scaling, dtype)
+    assert torch.isfinite(out).all(), "unwritten or NaN outputs"
+    err, err_same = rel_err(out, ref), rel_err(same, ref)
+    # fp16/bf16: at most ~2x a same-dtype SDPA's error. fp32: the exp2 online softmax and
+    # the merge of split partials cost a few ulps more than SDPA's one softmax: 1e-5.
+    assert err <= 2 * err_same + (1e-5 if dtype == torch.float32 else 1e-6), (err, err_same)
+
+
+def run_case(*, B, H, G, D, counts, sink, recent, pads, prompt, steps, dtype, programs, seed, max_length=None):
     gen = torch.Generator().manual_seed(seed)
     kept = random_kept(H, D, counts, gen)
-    hist = History(B=B, H=H, D=D, kept=kept, sink=sink, recent=recent, chunk=chunk, pads=pads, prompt=prompt,
-                   dtype=dtype, gen=gen)
+    hist = History(B=B, H=H, D=D, kept=kept, sink=sink, recent=recent, pads=pads, prompt=prompt,
+                   dtype=dtype, gen=gen, max_length=max_length)
     scaling = 1 / math.sqrt(D)
     moved = False
     for _ in range(steps):
         hist.step()
         query = hist._rand(B, H * G, 1, D)
-        ref = hist.attention(query, scaling, torch.float64)
-        same = hist.attention(query, scaling, dtype)
         out = torch.full((B, H * G, 1, D), float("nan"), dtype=dtype, device=DEVICE)  # poisoned
-        for o, lse in td._WORKSPACE.values():
-            o.fill_(float("nan"))
-            lse.fill_(float("nan"))
-        td.decode_attention_triton(query, hist.layer, scaling, out=out, budget_override=budget)
-        assert torch.isfinite(out).all(), "unwritten or NaN outputs"
-        err, err_same = rel_err(out, ref), rel_err(same, ref)
-        # fp16/bf16: at most ~2x a same-dtype SDPA's error. fp32: the exp2 online softmax and
-        # the merge of split partials cost a few ulps more than SDPA's one softmax: 1e-5.
-        assert err <= 2 * err_same + (1e-5 if dtype == torch.float32 else 1e-6), (err, err_same)
-        moved |= hist.layer.middle_len > 0
-        hist.layer.evict()
+        td.decode_attention_triton(query, hist.layer.view, scaling, out=out, programs=programs)
+        check_step(hist, query, out, dtype)
+        moved |= middle_tokens(hist.layer) > 0
     assert moved, "the case never used the compressed middle store"
 
 
@@ -118,14 +125,14 @@ def run_case(*, B, H, G, D, counts, sink, recent, chunk, pads, prompt, steps, dt
     "case",
     [
         # D 64, alignment 16: heads keeping 0, 16, 32, 48, 64 channels; G=3 (SmolLM2-like)
-        dict(B=2, H=5, G=3, D=64, counts=[0, 16, 32, 48, 64], sink=4, recent=8, chunk=4, pads=[0, 37], prompt=150,
-             steps=5, budget=1),
-        # D 128, alignment 32, G=4 (Llama-like), no sink, one split
-        dict(B=1, H=4, G=4, D=128, counts=[32, 0, 128, 96], sink=0, recent=16, chunk=8, pads=[0], prompt=83,
-             steps=9, budget=None),
+        dict(B=2, H=5, G=3, D=64, counts=[0, 16, 32, 48, 64], sink=4, recent=8, pads=[0, 37], prompt=150,
+             steps=5, programs=512),
+        # D 128, alignment 32, G=4 (Llama-like), no sink, default plan, static capacity
+        dict(B=1, H=4, G=4, D=128, counts=[32, 0, 128, 96], sink=0, recent=16, pads=[0], prompt=83,
+             steps=9, programs=None, max_length=400),
         # unaligned counts (any alignment is correct, only slower), G=1, many splits
-        dict(B=3, H=3, G=1, D=64, counts=[5, 23, 0], sink=2, recent=5, chunk=1, pads=[7, 0, 60], prompt=141,
-             steps=3, budget=1),
+        dict(B=3, H=3, G=1, D=64, counts=[5, 23, 0], sink=2, recent=5, pads=[7, 0, 60], prompt=141,
+             steps=3, programs=512),
     ],
     ids=["d64-align16", "d128-align32", "unaligned"],
 )
@@ -135,72 +142,113 @@ def test_kernel_matches_reference(case, dtype):
 
 def test_every_kept_count_d128():
     """Each of a D=128 head's tile widths (16, 32, 64, 128) and the empty head, in one layer."""
-    run_case(B=2, H=9, G=2, D=128, counts=[0, 16, 32, 48, 64, 80, 96, 112, 128], sink=3, recent=6, chunk=3,
-             pads=[11, 0], prompt=77, steps=2, dtype=torch.float32, budget=1, seed=torch.seed() % 2**31)
+    run_case(B=2, H=9, G=2, D=128, counts=[0, 16, 32, 48, 64, 80, 96, 112, 128], sink=3, recent=6,
+             pads=[11, 0], prompt=77, steps=2, dtype=torch.float32, programs=512, seed=torch.seed() % 2**31)
 
 
 @pytest.mark.parametrize("counts", [[0, 0], [16, 64]], ids=["all-empty", "kept"])
 def test_prompt_shorter_than_the_window(counts):
-    """Sink tokens still in the window must be seen once (as window tokens), and a row with
-    a single real token; with every head pruned there is no middle store at all."""
-    run_case(B=2, H=2, G=2, D=64, counts=counts, sink=2, recent=6, chunk=2, pads=[3, 0], prompt=4, steps=8,
-             dtype=torch.float32, budget=None, seed=torch.seed() % 2**31)
+    """Sink tokens still in the ring must be seen once (as ring tokens), and a row with
+    a single real token; with every head pruned there is no middle store at all. The ring
+    starts at the prompt's length and grows."""
+    run_case(B=2, H=2, G=2, D=64, counts=counts, sink=2, recent=6, pads=[3, 0], prompt=4, steps=8,
+             dtype=torch.float32, programs=None, seed=torch.seed() % 2**31)
+
+
+def kernel_splits(p: td.Plan, c: int, D: int, middle: int, batch: int) -> tuple[int, int]:
+    """(split length, splits used) of a head keeping ``c`` channels, as the kernel computes them."""
+    cdiv = lambda a, b: -(-a // b)
+    budget = max(cdiv(batch * middle * p.sum_cd, p.programs), p.min_budget)
+    longest = max(cdiv(cdiv(budget, p.max_cd), p.block), cdiv(cdiv(middle, p.splits), p.block)) * p.block
+    budget = max(budget, longest * p.max_cd)
+    split_len = max(cdiv(cdiv(budget, c + D), p.block), 1) * p.block
+    return split_len, cdiv(middle, split_len)
 
 
 @pytest.mark.parametrize(
-    "batch, counts, middle",
+    "batch, counts, slots",
     [(1, [0, 32, 64, 96, 32, 32, 0, 64], 131072), (8, [32, 32, 64, 0, 96, 32, 64, 32], 32768),
      (64, [96, 96, 32, 64, 0, 0, 32, 32], 32768), (1, [16], 100), (3, [0, 0], 7000)],
 )
-def test_split_plan_covers_the_middle_with_balanced_programs(batch, counts, middle):
-    D, block, target = 128, 64, 528
-    budget, splits = td.split_plan(batch, counts, middle, D, block, target)
-    programs = 0
-    for c in (c for c in counts if c > 0):
-        split_len = math.ceil(math.ceil(budget / (c + D)) / block) * block  # as the kernel computes it
-        n = -(-middle // split_len)
-        assert n <= splits and n * split_len >= middle  # the grid covers every head's middle
-        assert split_len * (c + D) < budget + block * (c + D)  # each program reads about `budget`
-        programs += batch * n
-    if any(counts):
-        assert programs <= 2 * target + batch * len(counts)
+def test_plan_covers_every_middle_length_with_balanced_programs(batch, counts, slots):
+    """One grid (fixed for the cache's life) covers the middle at every length up to the
+    capacity, and at long lengths spreads it over about the planned number of programs."""
+    D = 128
+    p = td.plan(batch, tuple(counts), D, slots, 132)
+    for middle in sorted({1, 63, 64, 65, 1000, slots // 3, slots - 1, slots}):
+        programs = 0
+        for c in (c for c in counts if c > 0):
+            split_len, n = kernel_splits(p, c, D, middle, batch)
+            assert n <= p.splits and n * split_len >= middle  # the grid covers every head's middle
+            programs += batch * n
+        if any(counts) and middle == slots and batch * middle * p.sum_cd > 4 * p.programs * p.min_budget:
+            assert programs <= 2 * p.programs + batch * len(counts)
 
 
-def test_backend_dispatch_and_errors():
-    q_cpu = torch.zeros(1, 2, 1, 64)
-    assert pick_backend(q_cpu) == "torch"
-    assert pick_backend(q_cpu, "triton") == "triton"
+def test_backend_resolution_and_errors(monkeypatch):
+    assert resolve_backend() == "auto"
+    assert resolve_backend("triton") == "triton"
+    monkeypatch.setenv("LEANK_ATTENTION_BACKEND", "torch")
+    assert resolve_backend() == "torch"
     with pytest.raises(LeanKError, match="unknown"):
-        pick_backend(q_cpu, "cuda-magic")
+        resolve_backend("cuda-magic")
     gen = torch.Generator().manual_seed(0)
-    hist = History(B=1, H=2, D=64, kept=random_kept(2, 64, [16, 0], gen), sink=2, recent=4, chunk=2, pads=[0],
+    hist = History(B=1, H=2, D=64, kept=random_kept(2, 64, [16, 0], gen), sink=2, recent=4, pads=[0],
                    prompt=20, dtype=torch.float32, gen=gen)
     hist.step()
     two_tokens = torch.zeros(1, 4, 2, 64, device=DEVICE)
     with pytest.raises(LeanKError, match="one token"):
-        decode_attention(two_tokens, hist.layer, 0.1, backend="triton")
-    if CUDA:
-        assert pick_backend(two_tokens) == "torch"
-        assert pick_backend(torch.zeros(1, 4, 1, 64, device="cuda")) == "triton"
+        decode_attention(two_tokens, hist.layer.view, 0.1, backend="triton")
+
+
+def test_op_is_the_reference_on_cpu_and_traceable():
+    """The custom op (the default backend) runs the torch reference on CPU, and
+    ``torch.compile(fullgraph=True)`` takes it without a graph break."""
+    gen = torch.Generator().manual_seed(torch.seed() % 2**31)
+    hist = History(B=2, H=2, D=64, kept=random_kept(2, 64, [16, 0], gen), sink=2, recent=4, pads=[0, 3],
+                   prompt=30, dtype=torch.float32, gen=gen)
+    hist.step()
+    query = hist._rand(2, 4, 1, 64)
+    view = hist.layer.view
+    expect = decode_attention_torch(query, view, 0.1)
+    assert torch.equal(decode_attention(query.cpu(), view, 0.1), expect.cpu()) if not CUDA else True
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda q: decode_attention(q, view, 0.1), fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled(query), expect, atol=2e-5 if CUDA else 0, rtol=1e-4 if CUDA else 0)
 
 
 @pytest.mark.skipif(not CUDA, reason="CUDA graphs need a GPU")
-def test_cuda_graph_capture_and_replay():
-    """A captured decode call replays correctly after the cache contents change in place."""
-    gen = torch.Generator().manual_seed(0)
-    hist = History(B=2, H=4, D=128, kept=random_kept(4, 128, [32, 0, 64, 128], gen), sink=4, recent=16, chunk=4,
-                   pads=[0, 5], prompt=500, dtype=torch.bfloat16, gen=gen)
-    hist.step()
-    query = hist._rand(2, 16, 1, 128)
-    out = torch.empty_like(query)
-    td.decode_attention_triton(query, hist.layer, 0.1, out=out)  # compile outside the capture
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cuda_graph_replay_across_steps(dtype):
+    """One captured decode step (the cache update, which moves a token into the middle
+    store, and the kernel) replayed for many steps matches the reference at every step."""
+    gen = torch.Generator().manual_seed(torch.seed() % 2**31)
+    B, H, G, D = 2, 4, 4, 128
+    hist = History(B=B, H=H, D=D, kept=random_kept(H, D, [32, 0, 64, 128], gen), sink=4, recent=16,
+                   pads=[0, 5], prompt=300, dtype=dtype, gen=gen, max_length=400)
+    layer = hist.layer
+    k_in, v_in = hist._rand(B, H, 1, D), hist._rand(B, H, 1, D)
+    q_in = hist._rand(B, H * G, 1, D)
+
+    def step():
+        layer.update(k_in, v_in)
+        return td.decode_attention_triton(q_in, layer.view, 1 / math.sqrt(D))
+
+    # Compile the kernel first (reading only); capturing records the step without running it.
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        td.decode_attention_triton(q_in, layer.view, 1 / math.sqrt(D))
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        td.decode_attention_triton(query, hist.layer, 0.1, out=out)
-    for _ in range(2):
-        query.copy_(hist._rand(2, 16, 1, 128))
-        hist.layer.mid_v.mul_(-1)  # contents change, layout and lengths stay
+        out = step()
+    moved_before = middle_tokens(layer)
+    for _ in range(40):
+        k, v = hist._rand(B, H, 1, D), hist._rand(B, H, 1, D)
+        hist.k, hist.v = torch.cat([hist.k, k], 2), torch.cat([hist.v, v], 2)
+        k_in.copy_(k)
+        v_in.copy_(v)
+        q_in.copy_(hist._rand(B, H * G, 1, D))
         graph.replay()
-        expect = td.decode_attention_triton(query, hist.layer, 0.1)
-        assert torch.equal(out, expect)
+        check_step(hist, q_in, out, dtype)
+    assert middle_tokens(layer) == moved_before + 40

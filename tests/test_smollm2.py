@@ -29,7 +29,7 @@ def test_kv_bytes_at_2k(smollm2):
     results = {}
     for name, mask in [("learned", learned), ("magnitude", magnitude), ("authors-like", authors_like_mask(scores))]:
         assert abs(mask.sparsity - 0.7) < 0.02
-        cache = leank.LeanKCache(model, mask)
+        cache = leank.LeanKCache(model, mask, max_length=ids.shape[1] + 4)
         with torch.inference_mode():
             model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=4,
                            do_sample=False, pad_token_id=tok.pad_token_id, **leank.cache_kwargs(cache))

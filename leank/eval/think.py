@@ -5,8 +5,9 @@ After the dense prompt attention, each (row, KV head) keeps the ``round((1 - s) 
 channels with the largest ``||Q_win[:, c]|| * ||K[:, c]||``: ``Q_win`` is the last
 ``window`` prompt queries of the query heads sharing the KV head, ``K`` every real prompt
 key. Decode queries then see a row's first ``sink`` real tokens and its last ``recent``
-tokens in full, and every other key (prompt or generated) through the row's kept
-channels only: the same split as LeanK, with a mask per prompt instead of a static one.
+tokens before the query (and itself) in full, and every other key (prompt or generated)
+through the row's kept channels only: the same split as LeanK (the rule
+:func:`leank.contract.in_full`), with a mask per prompt instead of a static one.
 
 The cache stores full K and V (storing them compactly is not what this baseline
 measures); :meth:`ThinKCache.ideal_nbytes` is what a compact store would hold.
@@ -19,10 +20,9 @@ from __future__ import annotations
 
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from ..attention import ATTN_NAME
-from ..cache import pads_from_mask
+from ..attention import ATTN_NAME, Handle
+from ..contract import in_full
 from ..errors import LeanKError
 from ..masks import DEFAULT_RECENT, DEFAULT_SINK, check_sparsity, check_window, kv_shape
 from ..models import check_supported
@@ -60,11 +60,10 @@ def masked_attention(
     query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, kept: torch.Tensor, pads: torch.Tensor,
     *, sink: int, recent: int, scaling: float,
 ) -> torch.Tensor:
-    """Attention of the last ``q`` tokens ``[B, H_q, q, D]`` over all ``T`` cached tokens → ``[B, q, H_q, D]``.
+    """Attention of the last ``q`` tokens ``[B, H_q, q, D]`` over all ``T`` cached tokens → ``[B, H_q, q, D]``.
 
-    Key ``p`` is seen in full by query position ``t`` when it is among the row's first
-    ``sink`` real tokens or among the last ``recent`` tokens up to ``t``; otherwise only its
-    ``kept`` ``[B, H_kv, D]`` channels count. Computed in fp32.
+    Keys the rule :func:`leank.contract.in_full` does not give a query in full count only
+    through their ``kept`` ``[B, H_kv, D]`` channels. Computed in fp32.
     """
     B, Hq, q, D = query.shape
     H, T = keys.shape[1], keys.shape[2]
@@ -74,38 +73,12 @@ def masked_attention(
     pruned = torch.einsum("bhgqd,bhtd->bhgqt", qf * kept[:, :, None, None, :], k)
     pos = torch.arange(T, device=keys.device)
     qpos = T - q + torch.arange(q, device=keys.device)
-    offset = pos[None] - pads[:, None]  # [B, T] position within the row's real tokens
-    in_full = (offset < sink)[:, None, :] | (pos[None, :] > qpos[:, None] - recent)[None]  # [B, q, T]
-    visible = (offset >= 0)[:, None, :] & (pos[None, :] <= qpos[:, None])[None]
-    scores = torch.where(in_full[:, None, None], full, pruned) * scaling
+    use_full = in_full(pos, qpos, pads, sink=sink, recent=recent)  # [B, q, T]
+    visible = (pos[None, None] >= pads[:, None, None]) & (pos[None, :] <= qpos[:, None])[None]
+    scores = torch.where(use_full[:, None, None], full, pruned) * scaling
     scores = scores.masked_fill(~visible[:, None, None], float("-inf"))
     out = torch.einsum("bhgqt,bhtd->bhgqd", torch.softmax(scores, dim=-1), values.float())
-    return out.reshape(B, Hq, q, D).transpose(1, 2).contiguous().to(query.dtype)
-
-
-class ThinKHandle:
-    """What :meth:`ThinKLayer.update` returns; the ``"leank"`` attention calls :meth:`attend`."""
-
-    __slots__ = ("layer",)
-
-    def __init__(self, layer: ThinKLayer):
-        self.layer = layer
-
-    def attend(self, module, query: torch.Tensor, attention_mask, *, scaling: float, dropout: float = 0.0):
-        """Attention output ``[B, q, H_q, D]`` for ``query`` ``[B, H_q, q, D]``."""
-        layer = self.layer
-        if layer.prefill_pending:
-            out, _ = sdpa_attention_forward(
-                module, query, layer.keys, layer.values, attention_mask, scaling=scaling, dropout=dropout
-            )
-            layer.pads = pads_from_mask(attention_mask, query.shape[0], query.device)
-            layer.kept = select_channels(query, layer.keys, layer.pads, keep=layer.keep, window=layer.window)
-            layer.prefill_pending = False
-            return out
-        return masked_attention(
-            query, layer.keys, layer.values, layer.kept, layer.pads,
-            sink=layer.sink, recent=layer.recent, scaling=scaling,
-        )
+    return out.reshape(B, Hq, q, D).to(query.dtype)
 
 
 class ThinKLayer(DynamicLayer):
@@ -119,18 +92,26 @@ class ThinKLayer(DynamicLayer):
         self.keep, self.window, self.sink, self.recent = keep, window, sink, recent
         self.kept: torch.Tensor | None = None
         self.pads: torch.Tensor | None = None
-        self.prefill_pending = False
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        self.prefill_pending = self.get_seq_length() == 0
+        first = self.get_seq_length() == 0
         super().update(key_states, value_states)
-        handle = ThinKHandle(self)
+        handle = Handle(self, prompt=(self.keys, self.values) if first else None)
         return handle, handle
+
+    def after_prefill(self, query: torch.Tensor, pads: torch.Tensor) -> None:
+        """Pick each row's channels from the prompt's queries and keys."""
+        self.pads = pads
+        self.kept = select_channels(query, self.keys, pads, keep=self.keep, window=self.window)
+
+    def attend(self, query: torch.Tensor, scaling: float) -> torch.Tensor:
+        return masked_attention(query, self.keys, self.values, self.kept, self.pads, sink=self.sink,
+                                recent=self.recent, scaling=scaling)
 
     def reset(self) -> None:
         # Dropped, not zeroed: transformers 5.17's DynamicLayer.reset keeps stale lengths.
         self.keys = self.values = self.kept = self.pads = None
-        self.is_initialized = self.prefill_pending = False
+        self.is_initialized = False
 
     def crop(self, tokens_to_remove: int) -> None:
         raise LeanKError("a ThinK cache cannot be cropped (assisted/speculative decoding): use a DynamicCache")

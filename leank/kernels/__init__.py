@@ -1,46 +1,78 @@
-"""Decode-attention backends for LeanK caches, behind one dispatch point.
+"""Decode-attention backends for LeanK caches, behind one dispatch point and one op.
 
-``"torch"`` (exact, any device) is always there; faster backends register themselves in
-:data:`BACKENDS`. ``"auto"`` picks the fastest one for the query's device; the
-``backend`` argument or ``LEANK_ATTENTION_BACKEND`` overrides it (tests use this).
+A backend takes the query ``[B, H_q, 1, D]`` and a :class:`~leank.contract.DecodeView`
+and returns ``[B, H_q, 1, D]``:
+
+* ``"auto"`` (default): the custom op ``torch.ops.leank.decode_attention`` — the Triton
+  kernel on CUDA, the torch reference on CPU. ``torch.compile(fullgraph=True)`` takes it
+  as one opaque node, and CUDA graphs capture it (lengths are device tensors);
+* ``"torch"``: the reference, called directly (exact, any device, eager);
+* ``"triton"``: the Triton kernel, launched directly (CUDA, or ``TRITON_INTERPRET=1``).
+
+``LEANK_ATTENTION_BACKEND`` overrides the default; a cache resolves it once when built.
+Triton is imported only when the Triton kernel first runs, so ``import leank`` never loads it.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 import torch
 
+from ..contract import DecodeView
 from ..errors import LeanKError
 from .torch_decode import decode_attention_torch
 
-if TYPE_CHECKING:
-    from ..cache import LeanKLayer
-
-BACKENDS: dict[str, Callable[[torch.Tensor, LeanKLayer, float], torch.Tensor]] = {"torch": decode_attention_torch}
-
-try:  # Triton is optional: without it (or on CPU) the torch backend serves every query.
-    from .triton_decode import decode_attention_triton
-except ImportError:  # pragma: no cover - depends on the install
-    pass
-else:
-    BACKENDS["triton"] = decode_attention_triton
+BACKENDS = ("auto", "torch", "triton")
 
 
-def pick_backend(query: torch.Tensor, backend: str | None = None) -> str:
+def resolve_backend(backend: str | None = None) -> str:
     backend = backend or os.environ.get("LEANK_ATTENTION_BACKEND") or "auto"
-    if backend == "auto":
-        one_token = query.shape[-2] == 1
-        return "triton" if query.is_cuda and one_token and "triton" in BACKENDS else "torch"
     if backend not in BACKENDS:
-        raise LeanKError(f"unknown LeanK attention backend {backend!r}: use one of auto, {', '.join(BACKENDS)}")
+        raise LeanKError(f"unknown LeanK attention backend {backend!r}: use one of {', '.join(BACKENDS)}")
     return backend
 
 
-def decode_attention(
-    query: torch.Tensor, layer: LeanKLayer, scaling: float, *, backend: str | None = None
+def _triton():
+    try:
+        from . import triton_decode
+    except ImportError as e:  # pragma: no cover - depends on the install
+        raise LeanKError(f"the triton LeanK kernel needs the package triton ({e}): pip install triton") from None
+    return triton_decode
+
+
+def _view(args: tuple, sink: int, recent: int, slots: int, head_counts) -> DecodeView:
+    return DecodeView(*args, sink=sink, recent=recent, slots=slots, head_counts=tuple(head_counts))
+
+
+@torch.library.custom_op("leank::decode_attention", mutates_args=())
+def _decode_op(
+    query: torch.Tensor, sink_k: torch.Tensor, sink_v: torch.Tensor, ring_k: torch.Tensor, ring_v: torch.Tensor,
+    mid_k: torch.Tensor, mid_v: torch.Tensor, head_c: torch.Tensor, head_koff: torch.Tensor, head_voff: torch.Tensor,
+    head_chan: torch.Tensor, pads: torch.Tensor, seen: torch.Tensor, c0: torch.Tensor, scaling: float, sink: int,
+    recent: int, slots: int, head_counts: list[int],
 ) -> torch.Tensor:
-    """LeanK attention of new queries ``[B, H_q, q, D]`` over a layer's cache → ``[B, H_q, q, D]``."""
-    return BACKENDS[pick_backend(query, backend)](query, layer, scaling)
+    view = _view((sink_k, sink_v, ring_k, ring_v, mid_k, mid_v, head_c, head_koff, head_voff, head_chan, pads, seen,
+                  c0), sink, recent, slots, head_counts)
+    return decode_attention_torch(query, view, scaling)
+
+
+@_decode_op.register_kernel("cuda")
+def _decode_op_cuda(query, *args):
+    *tensors, scaling, sink, recent, slots, head_counts = args
+    return _triton().decode_attention_triton(query, _view(tuple(tensors), sink, recent, slots, head_counts), scaling)
+
+
+@_decode_op.register_fake
+def _decode_op_fake(query, *args):
+    return torch.empty_like(query, memory_format=torch.contiguous_format)
+
+
+def decode_attention(query: torch.Tensor, view: DecodeView, scaling: float, *, backend: str = "auto") -> torch.Tensor:
+    """LeanK attention of one new token per row, ``query`` ``[B, H_q, 1, D]`` → ``[B, H_q, 1, D]``."""
+    if backend == "torch":
+        return decode_attention_torch(query, view, scaling)
+    if backend == "triton":
+        return _triton().decode_attention_triton(query, view, scaling)
+    return _decode_op(query, *view.tensors(), float(scaling), view.sink, view.recent, view.slots,
+                      list(view.head_counts))

@@ -1,59 +1,94 @@
-"""Exact LeanK decode attention with plain torch ops (CPU and GPU): the reference backend."""
+"""Exact LeanK attention with plain torch ops (CPU and GPU): the reference backend.
+
+Reads a :class:`~leank.contract.DecodeView` by the contract's layout and applies the
+contract's :func:`~leank.contract.in_full` rule to every key; computed in fp32.
+"""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 
-if TYPE_CHECKING:
-    from ..cache import LeanKLayer
+from ..contract import DecodeView, in_full
 
 
-def decode_attention_torch(query: torch.Tensor, layer: LeanKLayer, scaling: float) -> torch.Tensor:
-    """Exact LeanK attention of the last ``q`` tokens, in fp32, with plain torch ops.
+def middle_keys(view: DecodeView, h: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Head ``h``'s first ``length`` middle tokens: packed K ``[B, length, c]`` and V ``[B, length, D]``."""
+    c, D, slots = view.head_counts[h], view.ring_k.shape[-1], view.slots
+    koff, voff = int(view.head_koff[h]) * slots, int(view.head_voff[h]) * slots * D
+    k = view.mid_k[:, koff : koff + length * c].view(-1, length, c)
+    v = view.mid_v[:, voff : voff + length * D].view(-1, length, D)
+    return k, v
 
-    ``query`` ``[B, H_q, q, D]`` → ``[B, H_q, q, D]``. Query head ``j`` uses KV head
-    ``j // (H_q / H_kv)``. Middle scores use only each head's kept channels; heads that
-    keep none skip the middle tokens.
+
+def decode_attention_torch(
+    query: torch.Tensor, view: DecodeView, scaling: float, *,
+    pending: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """LeanK attention ``[B, H_q, q, D]`` of queries ``[B, H_q, q, D]`` over a layer's stores.
+
+    Without ``pending`` the queries are the last ``q`` stored tokens (a decode step: ``q = 1``).
+    With ``pending`` = (K, V) ``[B, H_kv, q, D]`` the queries are ``q`` new tokens not yet
+    stored (a multi-token step after the prompt): they see the stores and each other,
+    causally. Query head ``j`` uses KV head ``j // (H_q / H_kv)``.
     """
     B, Hq, q, D = query.shape
-    H = layer.num_kv_heads
+    H, R1 = view.ring_k.shape[1], view.ring_k.shape[2]
     G = Hq // H
+    dev = query.device
+    seen, c0, pads, S = int(view.seen), int(view.c0), view.pads, view.sink
+    n_out = seen - R1
+    t = torch.arange(q, device=dev) + (seen if pending is not None else seen - q)  # query positions
     qf = query.float().view(B, H, G, q, D)
+    kept = torch.zeros(H, D, device=dev)
+    for h, c in enumerate(view.head_counts):
+        kept[h, view.head_chan[h, :c].long()] = 1.0
     neg = float("-inf")
-    scores, values = [], []
+    scores, values = [], []  # per block of keys: [B, H, G, q, n] scores and [B, H, n, D] values
 
-    if layer.sink_k is not None:
-        s = torch.einsum("bhgqd,bhkd->bhgqk", qf, layer.sink_k.float()) * scaling
-        scores.append(s.masked_fill(~layer.sink_valid()[:, None, None, None, :], neg))
-        values.append(("dense", layer.sink_v))
+    # Sink: always in full.
+    if S:
+        slot = torch.arange(S, device=dev)
+        valid = slot[None] < (n_out - pads).clamp(0, S)[:, None]  # [B, S]
+        s = torch.einsum("bhgqd,bhkd->bhgqk", qf, view.sink_k[:, :, :S].float()) * scaling
+        scores.append(s.masked_fill(~valid[:, None, None, None], neg))
+        values.append(view.sink_v[:, :, :S].float())
 
-    M = layer.middle_len
+    # Middle: only kept channels (never in full: these keys are more than `recent` behind).
+    M = max(0, n_out - c0)
     if M:
+        valid = (c0 + torch.arange(M, device=dev))[None] >= (pads + S)[:, None]  # [B, M]
         s_mid = qf.new_full((B, H, G, q, M), neg)
-        for g in layer.groups:
-            qg = qf.index_select(1, g.heads)
-            qg = qg.gather(-1, g.channels[None, :, None, None, :].expand(B, -1, G, q, -1))
-            s_mid[:, g.heads] = torch.einsum("bngqc,bnkc->bngqk", qg, g.keys[:, :, :M].float()) * scaling
-        scores.append(s_mid.masked_fill(~layer.middle_valid()[:, None, None, None, :], neg))
-        values.append(("middle", None))
+        v_mid = qf.new_zeros(B, H, M, D)
+        for h, c in enumerate(view.head_counts):
+            if c:
+                k, v = middle_keys(view, h, M)
+                qh = qf[:, h][..., view.head_chan[h, :c].long()]  # [B, G, q, c]
+                s_mid[:, h] = torch.einsum("bgqc,bkc->bgqk", qh, k.float()) * scaling
+                v_mid[:, h] = v.float()
+        scores.append(s_mid.masked_fill(~valid[:, None, None, None], neg))
+        values.append(v_mid)
 
-    W = layer.window_len
-    s = torch.einsum("bhgqd,bhkd->bhgqk", qf, layer.window_k[:, :, :W].float()) * scaling
-    scores.append(s.masked_fill(~layer.window_valid(q)[:, None, None], neg))
-    values.append(("dense", layer.window_v[:, :, :W]))
+    # Ring (and pending tokens): full K stored; the rule decides full or kept channels.
+    pos = torch.arange(max(0, n_out), seen, device=dev)
+    k_full = view.ring_k[:, :, pos % R1].float()
+    v_full = view.ring_v[:, :, pos % R1].float()
+    if pending is not None:
+        pos = torch.cat([pos, t])
+        k_full = torch.cat([k_full, pending[0].float()], 2)
+        v_full = torch.cat([v_full, pending[1].float()], 2)
+    full = torch.einsum("bhgqd,bhkd->bhgqk", qf, k_full)
+    pruned = torch.einsum("bhgqd,bhkd->bhgqk", qf * kept[None, :, None, None], k_full)
+    use_full = in_full(pos, t, pads, sink=S, recent=view.recent)[:, None, None]  # [B, 1, 1, q, T]
+    visible = (pos[None, None] <= t[None, :, None]) & (pos[None, None] >= pads[:, None, None])  # [B, q, T]
+    visible = visible[:, None, None] & (use_full | (kept.sum(-1) > 0)[None, :, None, None, None])
+    s = torch.where(use_full, full, pruned) * scaling
+    scores.append(s.masked_fill(~visible, neg))
+    values.append(v_full)
 
     probs = torch.softmax(torch.cat(scores, dim=-1), dim=-1)
     out = qf.new_zeros(B, H, G, q, D)
     start = 0
-    for s, (kind, v) in zip(scores, values, strict=True):
-        p = probs[..., start : start + s.shape[-1]]
+    for s, v in zip(scores, values, strict=True):
+        out += torch.einsum("bhgqk,bhkd->bhgqd", probs[..., start : start + s.shape[-1]], v)
         start += s.shape[-1]
-        if kind == "dense":
-            out += torch.einsum("bhgqk,bhkd->bhgqd", p, v.float())
-        else:
-            for g in layer.groups:
-                pg = p.index_select(1, g.heads)
-                out.index_add_(1, g.heads, torch.einsum("bngqk,bnkd->bngqd", pg, g.values[:, :, :M].float()))
     return out.view(B, Hq, q, D).to(query.dtype)

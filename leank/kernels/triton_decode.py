@@ -24,18 +24,17 @@ arithmetic: the interpreter mishandles bf16 arithmetic.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
+from ..contract import DecodeView
 from ..errors import LeanKError
-
-if TYPE_CHECKING:
-    from ..cache import LeanKLayer
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 LOG2E = 1.4426950408889634
@@ -44,16 +43,20 @@ _NEG = tl.constexpr(-1.0e30)  # running-max start: finite, so exp2(m_old - m_new
 
 @triton.jit
 def _attend(acc, m_i, l_i, q, qk_scale, k_ptrs_base, v_ptrs_base, k_stride, lo, hi, offs_kc, k_cols, offs_d,
-            BLOCK: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):
+            WRAP, RINGED: tl.constexpr, BLOCK: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):
     """Online-softmax accumulation over tokens ``[lo, hi)``. ``q`` ``[GP, KC]`` is the raw
     query (exact in the cache dtype); scores are scaled by ``qk_scale`` = ``scaling *
     log2(e)`` in fp32 after the dot. K rows have ``k_stride`` elements, of which the first
-    ``k_cols`` are read; V rows are ``D`` wide."""
+    ``k_cols`` are read; V rows are ``D`` wide. Token ``n`` is row ``n % WRAP`` of a ring
+    buffer when ``RINGED``, else row ``n``."""
     D = offs_d.shape[0]
     for start in range(lo, hi, BLOCK):
         offs_n = start + tl.arange(0, BLOCK)
         valid = offs_n < hi
-        rows = offs_n.to(tl.int64)
+        if RINGED:
+            rows = (offs_n % WRAP).to(tl.int64)
+        else:
+            rows = offs_n.to(tl.int64)
         k = tl.load(k_ptrs_base + rows[:, None] * k_stride + offs_kc[None, :],
                     mask=valid[:, None] & (offs_kc[None, :] < k_cols), other=0.0)
         v = tl.load(v_ptrs_base + rows[:, None] * D + offs_d[None, :], mask=valid[:, None], other=0.0)
@@ -80,25 +83,29 @@ def _middle(acc, m_i, l_i, q_rows, gmask, chan, c, k_base, v_base, lo, hi, qk_sc
     cmask = offs_kc < c
     ch = tl.load(chan + offs_kc, mask=cmask, other=0)
     q = tl.load(q_rows[:, None] + ch[None, :], mask=gmask[:, None] & cmask[None, :], other=0.0)
-    return _attend(acc, m_i, l_i, q, qk_scale, k_base, v_base, c, lo, hi, offs_kc, c, offs_d, BLOCK, UPCAST, PREC)
+    return _attend(acc, m_i, l_i, q, qk_scale, k_base, v_base, c, lo, hi, offs_kc, c, offs_d, 1, False,
+                   BLOCK, UPCAST, PREC)
 
 
-@triton.jit(do_not_specialize=["S", "W", "w0", "cap", "M", "c0", "budget", "NS"])
+@triton.jit(do_not_specialize=["S", "RING", "SLOTS", "B_ROWS", "NS"])
 def _leank_decode_kernel(
     Q, stride_qb, stride_qh,
     SK, SV, stride_sb, stride_sh, S,
-    WK, WV, stride_wb, stride_wh, W, w0,
-    MK, MV, stride_mkb, stride_mvb, cap, M, c0, budget,
+    RK, RV, stride_rb, stride_rh, RING,
+    MK, MV, stride_mkb, stride_mvb, SLOTS,
     HEAD_C, HEAD_KOFF, HEAD_VOFF, HEAD_CHAN,
-    PADS, WS_O, WS_L, qk_scale, H, NS,
-    G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, KALIGN: tl.constexpr,
-    HAS_SINK: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+    PADS, SEEN, C0, WS_O, WS_L, qk_scale, H, NS, B_ROWS,
+    SUMCD: tl.constexpr, MAXCD: tl.constexpr, MIN_BUDGET: tl.constexpr, PROGRAMS: tl.constexpr,
+    G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr,
+    KALIGN: tl.constexpr, HAS_SINK: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
 ):
     bh = tl.program_id(0)
     split = tl.program_id(1)
     b = bh // H
     h = bh % H
-    pad = tl.load(PADS + b).to(tl.int32)
+    pad = tl.load(PADS + b)
+    seen = tl.load(SEEN)
+    n_out = seen - RING  # positions below this have left the ring (sink or middle)
 
     offs_g = tl.arange(0, GP)
     gmask = offs_g < G
@@ -110,31 +117,37 @@ def _leank_decode_kernel(
     l_i = tl.zeros([GP], dtype=tl.float32)
 
     if split == NS:
-        # Sink and window: full K and V.
+        # Sink and ring: full K and V. Ring position p lives in slot p % RING.
         q = tl.load(q_rows[:, None] + offs_d[None, :], mask=gmask[:, None], other=0.0)
         if HAS_SINK:
-            n_sink = tl.minimum(tl.maximum(w0 - pad, 0), S)
+            n_sink = tl.minimum(tl.maximum(n_out - pad, 0), S)
             base = b.to(tl.int64) * stride_sb + h.to(tl.int64) * stride_sh
             acc, m_i, l_i = _attend(acc, m_i, l_i, q, qk_scale, SK + base, SV + base, D, 0, n_sink, offs_d, D, offs_d,
-                                    BLOCK, UPCAST, PREC)
-        base = b.to(tl.int64) * stride_wb + h.to(tl.int64) * stride_wh
-        w_lo = tl.maximum(pad - w0, 0)
-        acc, m_i, l_i = _attend(acc, m_i, l_i, q, qk_scale, WK + base, WV + base, D, w_lo, W, offs_d, D, offs_d,
-                                BLOCK, UPCAST, PREC)
+                                    1, False, BLOCK, UPCAST, PREC)
+        base = b.to(tl.int64) * stride_rb + h.to(tl.int64) * stride_rh
+        r_lo = tl.maximum(tl.maximum(n_out, pad), 0)
+        acc, m_i, l_i = _attend(acc, m_i, l_i, q, qk_scale, RK + base, RV + base, D, r_lo, seen, offs_d, D, offs_d,
+                                RING, True, BLOCK, UPCAST, PREC)
     else:
         c = tl.load(HEAD_C + h)
-        # Each program reads about `budget` elements: a head's split covers
-        # budget / (c + D) tokens (rounded up to whole blocks), so heads that keep more
-        # channels get more, shorter splits. Middle slot i is valid for this row iff
-        # c0 + i >= pad + S (the row's sink is not there).
+        c0 = tl.load(C0)
+        M = tl.maximum(n_out - c0, 0)
+        # Each program reads about `budget` elements: a head's split covers budget / (c + D)
+        # tokens (whole blocks), so heads that keep more channels get more, shorter splits.
+        # The budget follows the middle length (no host value, no recompilation), and is
+        # raised where needed so that the head keeping most channels fits in NS splits.
+        budget = tl.maximum(tl.cdiv(B_ROWS * M * SUMCD, PROGRAMS), MIN_BUDGET)
+        longest = tl.maximum(tl.cdiv(tl.cdiv(budget, MAXCD), BLOCK), tl.cdiv(tl.cdiv(M, NS), BLOCK)) * BLOCK
+        budget = tl.maximum(budget, longest * MAXCD)
         split_len = tl.maximum(tl.cdiv(tl.cdiv(budget, c + D), BLOCK), 1) * BLOCK
+        # Middle slot i is valid for this row iff c0 + i >= pad + S (the row's sink is not there).
         lo = tl.maximum(split * split_len, pad + S - c0)
         hi = tl.minimum(split * split_len + split_len, M)
         if c > 0:
             c = tl.multiple_of(c, KALIGN)
-            koff = tl.multiple_of(tl.load(HEAD_KOFF + h).to(tl.int64) * cap, KALIGN)
+            koff = tl.multiple_of(tl.load(HEAD_KOFF + h).to(tl.int64) * SLOTS, KALIGN)
             k_base = MK + b.to(tl.int64) * stride_mkb + koff
-            v_base = MV + b.to(tl.int64) * stride_mvb + tl.load(HEAD_VOFF + h).to(tl.int64) * cap * D
+            v_base = MV + b.to(tl.int64) * stride_mvb + tl.load(HEAD_VOFF + h).to(tl.int64) * SLOTS * D
             chan = HEAD_CHAN + h * D
             # The kept count picks a tile width (a compile-time constant): 16, 32, 64 or D.
             if c <= 16:
@@ -177,42 +190,11 @@ def _merge_kernel(WS_O, WS_L, OUT, stride_ob, stride_oh, HQ, NS1, D: tl.constexp
     tl.store(OUT + b.to(tl.int64) * stride_ob + hq.to(tl.int64) * stride_oh + offs_d, out.to(OUT.dtype.element_ty))
 
 
-_WORKSPACE: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
-
-
-def _workspace(device: torch.device, rows: int, D: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """fp32 partial outputs ``[rows, D]`` and LSEs ``[rows]``: one grow-only buffer per device
-    (capacity in powers of two), shared by layers and steps (they run one after another on
-    one stream), so a decode step allocates only its output."""
-    o, lse = _WORKSPACE.get(device, (None, None))
-    if o is None or o.numel() < rows * D:
-        o = torch.empty(triton.next_power_of_2(rows * D), dtype=torch.float32, device=device)
-        lse = torch.empty(o.numel() // D + 1, dtype=torch.float32, device=device)
-        _WORKSPACE[device] = (o, lse)
-    return o[: rows * D].view(rows, D), lse[:rows]
-
-
+@functools.lru_cache(maxsize=16)
 def _sm_count(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return 4
-
-
-def split_plan(
-    batch: int, head_counts: list[int], middle: int, D: int, block: int, programs: int, budget: int | None = None
-) -> tuple[int, int]:
-    """(budget, splits): elements each middle program reads, so that the middle work of all
-    rows and heads (tokens × (kept + D) per head) spreads over about ``programs`` programs
-    (or the given ``budget``), and the number of splits of the head keeping most channels
-    (the most any head needs: the grid's second axis, sink/window program excluded)."""
-    kept = [c for c in head_counts if c > 0]
-    if not kept or middle == 0:
-        return 1, 1
-    if budget is None:
-        total = batch * middle * sum(c + D for c in kept)
-        budget = max(triton.cdiv(total, programs), 2 * block * (min(kept) + D))
-    split_len = triton.cdiv(triton.cdiv(budget, max(kept) + D), block) * block  # the shortest splits
-    return budget, triton.cdiv(middle, split_len)
 
 
 def kernel_config(D: int) -> tuple[int, int, int, float]:
@@ -224,7 +206,41 @@ def kernel_config(D: int) -> tuple[int, int, int, float]:
     return (64, 4, 2, 4.0) if D <= 128 else (32, 4, 2, 4.0)
 
 
-def check_layer(query: torch.Tensor, layer: LeanKLayer) -> None:
+@dataclass(frozen=True)
+class Plan:
+    """Launch constants of one layer shape, fixed for the cache's life (so a captured graph
+    stays valid): the grid's split count and the numbers the kernel sizes splits with."""
+
+    splits: int  # middle programs per (row, KV head); the grid's second axis is splits + 1
+    programs: int  # middle programs the work is spread over
+    sum_cd: int  # sum over heads keeping channels of (kept + D): elements per middle token
+    max_cd: int  # the largest (kept + D)
+    min_budget: int  # elements per program at least (two blocks of the head keeping fewest)
+    block: int
+    warps: int
+    stages: int
+    kalign: int  # largest power of two (<= 16) dividing every kept count
+
+
+@functools.lru_cache(maxsize=256)
+def plan(batch: int, head_counts: tuple[int, ...], D: int, slots: int, sm_count: int, programs: int | None = None):
+    """The :class:`Plan` for ``batch`` rows of heads keeping ``head_counts`` channels. The
+    kernel spreads the middle tokens of all rows and heads over about ``programs`` programs
+    (default: ``waves`` per SM); ``splits`` is what the head keeping most channels needs
+    then, independent of the middle length (tests pass a large ``programs`` to force many)."""
+    block, warps, stages, waves = kernel_config(D)
+    programs = programs or int(waves * sm_count)
+    kept = [c for c in head_counts if c > 0]
+    kalign = math.gcd(*head_counts) or 16
+    kalign = min(kalign & -kalign, 16)
+    if not kept:
+        return Plan(1, programs, 1, 1, 1, block, warps, stages, kalign)
+    sum_cd, max_cd = sum(c + D for c in kept), max(kept) + D
+    splits = max(1, min(triton.cdiv(programs * max_cd, batch * sum_cd), triton.cdiv(slots, block)))
+    return Plan(splits, programs, sum_cd, max_cd, 2 * block * (min(kept) + D), block, warps, stages, kalign)
+
+
+def check_query(query: torch.Tensor, view: DecodeView) -> None:
     B, Hq, q, D = query.shape
     if q != 1:
         raise LeanKError(f"the triton LeanK kernel decodes one token per row, got {q}: use the torch backend")
@@ -232,51 +248,42 @@ def check_layer(query: torch.Tensor, layer: LeanKLayer) -> None:
         raise LeanKError(f"the triton LeanK kernel supports head_dim 64, 128 and 256, got {D}: use the torch backend")
     if query.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise LeanKError(f"the triton LeanK kernel supports fp16, bf16 and fp32, got {query.dtype}")
-    if layer.pads is None:
-        raise LeanKError("the LeanK cache holds no prompt yet: decode attention needs a prefilled cache")
     if not query.is_cuda and not INTERPRET:
         raise LeanKError("the triton LeanK kernel needs CUDA tensors (or TRITON_INTERPRET=1 on CPU)")
 
 
 def decode_attention_triton(
-    query: torch.Tensor, layer: LeanKLayer, scaling: float, *, out: torch.Tensor | None = None,
-    budget_override: int | None = None,
+    query: torch.Tensor, view: DecodeView, scaling: float, *, out: torch.Tensor | None = None,
+    programs: int | None = None,
 ) -> torch.Tensor:
     """LeanK attention of one new token per row, ``query`` ``[B, H_q, 1, D]`` → ``[B, H_q, 1, D]``.
 
-    ``out``: where to write (contiguous ``[B, H_q, 1, D]``); ``budget_override``: elements per
-    middle program instead of :func:`split_plan`'s (tests use it to force many splits)."""
-    check_layer(query, layer)
+    ``out``: where to write (contiguous ``[B, H_q, 1, D]``); ``programs``: middle programs to
+    spread over instead of the default (tests use it to force many splits)."""
+    check_query(query, view)
     B, Hq, _, D = query.shape
-    H = layer.num_kv_heads
+    H = view.ring_k.shape[1]
     G = Hq // H
     query = query if query.stride(-1) == 1 else query.contiguous()
-    M = layer.middle_len
-    block, warps, stages, waves = kernel_config(D)
-    programs = int(waves * _sm_count(query.device))
-    budget, ns = split_plan(B, layer.head_counts, M, D, block, programs, budget_override)
-    ws_o, ws_l = _workspace(query.device, B * Hq * (ns + 1), D)
+    p = plan(B, view.head_counts, D, view.slots, _sm_count(query.device), programs)
+    ns = p.splits
+    ws_o = torch.empty(B * Hq * (ns + 1), D, dtype=torch.float32, device=query.device)
+    ws_l = torch.empty(B * Hq * (ns + 1), dtype=torch.float32, device=query.device)
     if out is None:
         out = torch.empty(B, Hq, 1, D, dtype=query.dtype, device=query.device)
-
-    head_c, head_koff, head_voff, head_chan = layer.head_tables
-    kalign = math.gcd(*layer.head_counts) or 16
-    kalign = kalign & -kalign  # largest power of two dividing every kept count
-    wk, wv = layer.window_k, layer.window_v
-    sk, sv = (layer.sink_k, layer.sink_v) if layer.sink_k is not None else (wk, wv)
-    mk, mv = (layer.mid_k, layer.mid_v) if layer.mid_k is not None else (wk, wv)
-    cap = layer.middle_capacity()
+    sk, sv, rk, rv = view.sink_k, view.sink_v, view.ring_k, view.ring_v
     _leank_decode_kernel[(B * H, ns + 1)](
         query, query.stride(0), query.stride(1),
-        sk, sv, sk.stride(0), sk.stride(1), layer.sink,
-        wk, wv, wk.stride(0), wk.stride(1), layer.window_len, layer.w0,
-        mk, mv, mk.stride(0), mv.stride(0), cap, M, layer.c0, budget,
-        head_c, head_koff, head_voff, head_chan,
-        layer.pads, ws_o, ws_l, scaling * LOG2E, H, ns,
-        G=G, GP=max(16, triton.next_power_of_2(G)), D=D, BLOCK=block, KALIGN=min(kalign, 16),
-        HAS_SINK=layer.sink_k is not None, UPCAST=INTERPRET or query.dtype == torch.float32,
+        sk, sv, sk.stride(0), sk.stride(1), view.sink,
+        rk, rv, rk.stride(0), rk.stride(1), rk.shape[2],
+        view.mid_k, view.mid_v, view.mid_k.stride(0), view.mid_v.stride(0), view.slots,
+        view.head_c, view.head_koff, view.head_voff, view.head_chan,
+        view.pads, view.seen, view.c0, ws_o, ws_l, scaling * LOG2E, H, ns, B,
+        SUMCD=p.sum_cd, MAXCD=p.max_cd, MIN_BUDGET=p.min_budget, PROGRAMS=p.programs,
+        G=G, GP=max(16, triton.next_power_of_2(G)), D=D, BLOCK=p.block, KALIGN=p.kalign,
+        HAS_SINK=view.sink > 0, UPCAST=INTERPRET or query.dtype == torch.float32,
         PREC="ieee" if query.dtype == torch.float32 else "tf32",
-        num_warps=warps, num_stages=stages,
+        num_warps=p.warps, num_stages=p.stages,
     )
     _merge_kernel[(B * Hq,)](ws_o, ws_l, out, out.stride(0), out.stride(1), Hq, ns + 1, D=D,
                              SP=triton.next_power_of_2(ns + 1), num_warps=4)

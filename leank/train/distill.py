@@ -6,8 +6,9 @@ answer, positions ``>= context_end``) differs. One training example therefore co
 no-grad teacher pass over the whole sequence plus a student pass over the decode region
 only, attending to the teacher's prompt K/V:
 
-* query ``i`` sees key ``j <= i`` with full K when ``j < sink`` or ``j >= i - recent``
-  (relative to each query, like the cache), and through ``scale ⊙ K`` otherwise;
+* query ``i`` sees key ``j <= i`` with full K when the rule :func:`leank.contract.in_full`
+  says so (``j < sink`` or ``i - j <= recent``: relative to each query, like the cache),
+  and through ``scale ⊙ K`` otherwise;
 * in the binary stage, KV heads whose mask keeps no channel ignore middle keys entirely
   (as the deployed cache does), instead of attending to them with zero logits.
 
@@ -21,42 +22,15 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import Cache, DynamicLayer
 
+from ..attention import Handle
 from ..cache import cache_kwargs
+from ..contract import in_full
 from ..masks import aligned_counts, mask_from_counts
-
-
-class _ScaledHandle:
-    __slots__ = ("layer", "keys", "values")
-
-    def __init__(self, layer: ScaledPromptLayer, keys: torch.Tensor, values: torch.Tensor):
-        self.layer, self.keys, self.values = layer, keys, values
-
-    def attend(self, module, query: torch.Tensor, attention_mask, *, scaling: float, dropout: float = 0.0):
-        layer = self.layer
-        K, V = self.keys, self.values  # [B, H, T, D]
-        B, Hq, q, D = query.shape
-        H, T = K.shape[1], K.shape[2]
-        G = Hq // H
-        qf = query.float().view(B, H, G, q, D)
-        scale = layer.scale.to(torch.float32)  # [H, D]
-        full = torch.einsum("bhgqd,bhkd->bhgqk", qf, K.float()) * scaling
-        scaled = torch.einsum("bhgqd,bhkd->bhgqk", qf * scale[None, :, None, None, :], K.float()) * scaling
-        i = T - q + torch.arange(q, device=K.device)[:, None]
-        j = torch.arange(T, device=K.device)[None, :]
-        causal = j <= i
-        use_full = (j < layer.sink) | (j >= i - layer.recent)
-        scores = torch.where(use_full, full, scaled)
-        visible = causal[None, None, None].expand(B, H, G, q, T)
-        if layer.empty_heads is not None:  # binary stage: heads keeping nothing skip middle keys
-            visible = visible & (use_full | ~layer.empty_heads[None, :, None, None, None])
-        probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)
-        out = torch.einsum("bhgqk,bhkd->bhgqd", probs, V.float())
-        return out.view(B, Hq, q, D).to(query.dtype).transpose(1, 2).contiguous()
 
 
 class ScaledPromptLayer(DynamicLayer):
     """Holds the teacher's prompt K/V of one layer; the decode-region forward appends to a
-    copy (never stored) and attends through :class:`_ScaledHandle`."""
+    copy (kept for that forward only) and attends with ``scale`` on middle keys."""
 
     def __init__(
         self,
@@ -75,10 +49,30 @@ class ScaledPromptLayer(DynamicLayer):
         self.length = keys.shape[2]
 
     def update(self, key_states, value_states, *args, **kwargs):
-        handle = _ScaledHandle(
-            self, torch.cat([self.prompt_k, key_states], 2), torch.cat([self.prompt_v, value_states], 2)
-        )
+        self.current = torch.cat([self.prompt_k, key_states], 2), torch.cat([self.prompt_v, value_states], 2)
+        handle = Handle(self)
         return handle, handle
+
+    def attend(self, query: torch.Tensor, scaling: float) -> torch.Tensor:
+        K, V = self.current  # [B, H, T, D]
+        B, Hq, q, D = query.shape
+        H, T = K.shape[1], K.shape[2]
+        G = Hq // H
+        qf = query.float().view(B, H, G, q, D)
+        scale = self.scale.to(torch.float32)  # [H, D]
+        full = torch.einsum("bhgqd,bhkd->bhgqk", qf, K.float()) * scaling
+        scaled = torch.einsum("bhgqd,bhkd->bhgqk", qf * scale[None, :, None, None, :], K.float()) * scaling
+        i = T - q + torch.arange(q, device=K.device)
+        j = torch.arange(T, device=K.device)
+        use_full = in_full(j, i, torch.zeros(1, dtype=torch.long, device=K.device), sink=self.sink,
+                           recent=self.recent)[0]  # [q, T]
+        scores = torch.where(use_full, full, scaled)
+        visible = (j[None, :] <= i[:, None])[None, None, None].expand(B, H, G, q, T)
+        if self.empty_heads is not None:  # binary stage: heads keeping nothing skip middle keys
+            visible = visible & (use_full | ~self.empty_heads[None, :, None, None, None])
+        probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)
+        out = torch.einsum("bhgqk,bhkd->bhgqd", probs, V.float())
+        return out.view(B, Hq, q, D).to(query.dtype)
 
     def get_seq_length(self) -> int:
         return self.length

@@ -10,6 +10,7 @@ import torch
 from transformers import DynamicCache
 
 import leank
+from leank.attention import leank_attention
 from leank.errors import LeanKError
 from leank.eval.think import ThinKCache, ThinKLayer
 
@@ -35,8 +36,9 @@ def reference_channels(query, keys, pads, *, keep, window):
 
 
 def reference_decode(query, keys, values, kept, pads, *, sink, recent, scaling):
-    """One decode query ``[B, H_q, 1, D]`` over ``T`` keys, float64, key by key:
-    full K for a row's first ``sink`` real tokens and the last ``recent``, kept channels otherwise."""
+    """One decode query ``[B, H_q, 1, D]`` over ``T`` keys, float64, key by key: full K for a
+    row's first ``sink`` real tokens, the query itself and the ``recent`` keys before it; kept
+    channels otherwise."""
     total = keys.shape[2]
     out = torch.zeros(query.shape[0], 1, query.shape[1], query.shape[-1], dtype=torch.float64)
     for b, pad in enumerate(pads):
@@ -44,7 +46,7 @@ def reference_decode(query, keys, values, kept, pads, *, sink, recent, scaling):
             h = j // G
             logits, vals = [], []
             for p in range(pad, total):
-                full = p - pad < sink or p > total - 1 - recent
+                full = p - pad < sink or (total - 1) - p <= recent
                 k = keys[b, h, p].double() if full else keys[b, h, p].double() * kept[b, h].double()
                 logits.append(query[b, j, 0].double() @ k * scaling)
                 vals.append(values[b, h, p].double())
@@ -70,7 +72,7 @@ def test_channels_and_decode_match_references(keep, sink, recent):
 
     query, keys, values = rand(B, HQ, T, D), rand(B, H, T, D), rand(B, H, T, D)
     handle, _ = layer.update(keys, values)
-    handle.attend(module, query, prompt_mask(PADS, T), scaling=scaling)
+    leank_attention(module, query, handle, handle, prompt_mask(PADS, T), scaling=scaling)
     assert torch.equal(layer.pads, torch.tensor(PADS))
     assert torch.equal(layer.kept, reference_channels(query, keys, PADS, keep=keep, window=8))
     assert (layer.kept.sum(-1) == keep).all()
@@ -79,7 +81,7 @@ def test_channels_and_decode_match_references(keep, sink, recent):
         q1, k1, v1 = rand(B, HQ, 1, D), rand(B, H, 1, D), rand(B, H, 1, D)
         keys, values = torch.cat([keys, k1], 2), torch.cat([values, v1], 2)
         handle, _ = layer.update(k1, v1)
-        out = handle.attend(module, q1, None, scaling=scaling)
+        out, _ = leank_attention(module, q1, handle, handle, None, scaling=scaling)
         expected = reference_decode(q1, keys, values, layer.kept, PADS, sink=sink, recent=recent, scaling=scaling)
         assert out.shape == (B, 1, HQ, D)
         torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
@@ -93,7 +95,7 @@ def test_ideal_bytes():
     module = SimpleNamespace(num_key_value_groups=G, is_causal=True, layer_idx=0)
     keys = torch.randn(2, H, 10, D)
     handle, _ = layer.update(keys, keys)
-    handle.attend(module, torch.randn(2, HQ, 10, D), prompt_mask([0, 6], 10), scaling=1.0)
+    leank_attention(module, torch.randn(2, HQ, 10, D), handle, handle, prompt_mask([0, 6], 10), scaling=1.0)
     # Row 0: 10 real tokens = 5 full + 5 middle; row 1: 4 real tokens = 2 sink + 2 recent, all full.
     full_token, middle_token = 2 * H * D, H * (4 + D)
     assert layer.ideal_nbytes() == (5 * full_token + 5 * middle_token + 4 * full_token) * 4
