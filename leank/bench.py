@@ -1,29 +1,36 @@
-"""``leank bench``: end-to-end decoding, full cache vs LeanK, on one GPU.
+"""``leank bench``: end-to-end decoding on one GPU, dense caches against LeanK, eager and compiled.
 
-Methods: ``full`` (transformers' ``DynamicCache`` + SDPA, what ``generate()`` uses by
-default), ``static`` (``StaticCache`` + SDPA: preallocated, no per-step copy, a stronger
-dense baseline) and ``leank`` (``LeanKCache`` + the Triton decode kernel, buffers
-preallocated for the requested length).
+Methods (each the path a user gets):
 
-For each method, prompt length ``T`` and batch ``B``: one row's prompt is prefilled (TTFT,
-the model's forward over the prompt plus, for LeanK, compressing it), the cache is
-repeated to ``B`` rows (``batch_repeat_interleave``: the cache then holds ``B`` rows of
-memory and attention reads all of them; prefilling ``B`` long prompts at once would need
-far more activation memory than decoding them), then ``steps`` tokens are decoded
-greedily after ``warmup`` steps, each step timed with CUDA events (no host sync inside
-the loop). Reported: TTFT, median and mean time per output step, output tokens/s
-(``B`` / median step), peak GPU memory during decode (weights included), KV-cache bytes
-(measured allocation, and the ideal figure), and per method the largest batch that fits
-a memory budget (predicted from the measured per-row memory, then run under
-``torch.cuda.set_per_process_memory_fraction``; a batch that runs out of memory does not
-fit).
+* ``full`` — ``DynamicCache`` + SDPA, eager: what ``generate()`` does by default;
+* ``full-compiled`` — ``StaticCache`` + SDPA under transformers' own compile path
+  (``model.get_compiled_call``: its default ``CompileConfig``, mode ``reduce-overhead``,
+  i.e. CUDA graphs), as ``generate()`` runs it for a static cache;
+* ``leank-eager`` — ``LeanKCache(max_length=...)``, the decode kernel, eager;
+* ``leank`` — the same cache under the same compile path (what ``generate()`` does on CUDA).
 
-    leank bench --model smollm2-135m --lengths 8192 --batches 1 8 --budget-gib 16
-    python benchmarks/decode_e2e.py --model llama3.1-8b-shape --lengths 32768
+For each method, prompt length ``T`` and batch ``B``: one row's prompt is prefilled eagerly
+(TTFT: the forward over the prompt plus, for LeanK, storing it), the cache is repeated to
+``B`` rows (the cache then holds ``B`` rows and attention reads them all; prefilling ``B``
+long prompts would need far more activation memory than decoding them), then ``warmup``
+steps (they compile) and ``steps`` timed steps, greedy, each timed with CUDA events.
+
+Reported per point: TTFT, median and mean step time, tokens/s (``B`` / median step), peak
+GPU memory during decode, KV bytes allocated (and LeanK's ideal), **the bytes one step
+must read** (the weights it reads plus the KV it needs: the dense K/V of every token, or
+LeanK's ideal bytes), that over the copy bandwidth measured in the same run (the method's
+**byte floor**), and the floor over the step time (**MBU**, model-bandwidth utilisation).
+``--budget-gib`` also finds the largest batch within a memory budget (predicted from the
+measured per-row memory, then run under ``torch.cuda.set_per_process_memory_fraction``).
+A table, then one JSON line last.
+
+    leank bench --model smollm2-135m --lengths 8192 --batches 1 64
+    python benchmarks/decode_e2e.py --model llama3.1-8b-shape --lengths 32768 --batches 1 8
 """
 
 from __future__ import annotations
 
+import json
 import math
 import statistics
 import time
@@ -35,7 +42,8 @@ from .cache import LeanKCache, cache_kwargs, dense_cache_nbytes
 from .errors import LeanKError
 from .masks import ChannelMask
 
-METHODS = ("full", "static", "leank")
+METHODS = ("full", "full-compiled", "leank-eager", "leank")
+COMPILED = ("full-compiled", "leank")
 LLAMA_8B_SHAPE = "llama3.1-8b-shape"
 AUTHORS_LLAMA_MASK = "llama3.1-8b-instruct.leank-mask.safetensors"
 
@@ -60,72 +68,160 @@ def random_llama_8b(device, dtype=torch.bfloat16):
     return model.eval()
 
 
-def make_cache(method: str, model, mask: ChannelMask | None, max_length: int):
-    from transformers import DynamicCache, StaticCache
+# ---- what a step must read ----------------------------------------------------------------
+def copy_bandwidth(device, nbytes: int = 2 << 30, repeats: int = 10) -> float:
+    """Device-to-device copy bandwidth in bytes/s (bytes read + written), median of ``repeats``."""
+    src = torch.randn(nbytes // 4, device=device)
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(repeats + 2):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    del src, dst
+    return 2 * nbytes / statistics.median(times[2:])
 
-    if method == "full":
-        return DynamicCache(config=model.config)
-    if method == "static":
-        return StaticCache(config=model.config, max_cache_len=max_length)
-    return LeanKCache(model, mask, max_length=max_length)
+
+def weight_bytes(model, batch: int) -> int:
+    """Bytes of weights one decode step reads: every parameter, except that only ``batch``
+    rows of an input embedding table are read (unless it is also the output projection)."""
+    embed = model.get_input_embeddings().weight
+    tied = embed is model.get_output_embeddings().weight
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    if not tied:
+        total -= embed.numel() * embed.element_size() - batch * embed.shape[1] * embed.element_size()
+    return total
 
 
-def cache_bytes(method: str, cache) -> tuple[int, int]:
+def kv_bytes_needed(method: str, model, cache, batch: int, tokens: int) -> int:
+    """KV bytes one step must read: every token's K/V for the dense caches, LeanK's ideal bytes."""
+    if method.startswith("leank"):
+        return cache.ideal_nbytes()
+    cfg = model.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    elem = next(model.parameters()).element_size()
+    return 2 * batch * tokens * cfg.num_key_value_heads * head_dim * cfg.num_hidden_layers * elem
+
+
+def kv_bytes_allocated(method: str, cache) -> tuple[int, int]:
     """(allocated, ideal) KV bytes."""
-    if method == "leank":
+    if method.startswith("leank"):
         return cache.nbytes(), cache.ideal_nbytes()
-    if method == "static":
+    if method == "full-compiled":
         allocated = sum(layer.keys.numel() * layer.keys.element_size() * 2 for layer in cache.layers)
         return allocated, allocated
     dense = dense_cache_nbytes(cache)
     return dense, dense
 
 
+# ---- one measurement ------------------------------------------------------------------------
+def make_cache(method: str, model, mask: ChannelMask | None, max_length: int):
+    from transformers import DynamicCache, StaticCache
+
+    if method == "full":
+        return DynamicCache(config=model.config)
+    if method == "full-compiled":
+        return StaticCache(config=model.config, max_cache_len=max_length)
+    return LeanKCache(model, mask, max_length=max_length)
+
+
+def repeat_rows(cache, batch: int) -> None:
+    """Repeat a one-row cache to ``batch`` rows (transformers 5.17's StaticLayer has no
+    ``batch_repeat_interleave``: its buffers are repeated and marked static here)."""
+    from transformers import StaticCache
+
+    if not isinstance(cache, StaticCache):
+        cache.batch_repeat_interleave(batch)
+        return
+    for layer in cache.layers:
+        layer.keys = layer.keys.repeat_interleave(batch, dim=0)
+        layer.values = layer.values.repeat_interleave(batch, dim=0)
+        layer.batch_size = batch
+        torch._dynamo.mark_static_address(layer.keys)
+        torch._dynamo.mark_static_address(layer.values)
+
+
+def decode_forward(model, method: str, compile_config=None):
+    """The forward a decode step runs: transformers' compiled call (as ``generate()`` uses it
+    for a compileable cache), or the eager one."""
+    if method in COMPILED:
+        torch._dynamo.reset()  # a fresh graph per point: no recompile-limit surprises across points
+        return model.get_compiled_call(compile_config)
+    return model.__call__
+
+
+def _timer(device):
+    if device.type == "cuda":
+        event = lambda: torch.cuda.Event(enable_timing=True)
+        def record():
+            e = event()
+            e.record()
+            return e
+        return record, lambda a, b: a.elapsed_time(b), torch.cuda.synchronize
+    return time.perf_counter, lambda a, b: (b - a) * 1e3, lambda: None
+
+
 @torch.inference_mode()
-def run_one(model, method: str, mask, *, batch: int, length: int, steps: int, warmup: int, seed: int = 0) -> dict:
+def run_one(model, method: str, mask, *, batch: int, length: int, steps: int, warmup: int, seed: int = 0,
+            copy_bw: float | None = None, compile_config=None) -> dict:
     """One (method, batch, prompt length) measurement; see the module docstring."""
     device = model.device
+    model.set_attn_implementation("leank" if method.startswith("leank") else "sdpa")
     gen = torch.Generator(device="cpu").manual_seed(seed)
     ids = torch.randint(10, model.config.vocab_size - 10, (1, length), generator=gen).to(device)
-    cache = make_cache(method, model, mask, length + warmup + steps + 1)
+    total = length + warmup + steps
+    cache = make_cache(method, model, mask, total + 1)
     cache_arg = cache_kwargs(cache)
-    torch.cuda.synchronize()
+    record, elapsed, sync = _timer(device)
+    sync()
     start = time.perf_counter()
     out = model(input_ids=ids, use_cache=True, logits_to_keep=1, **cache_arg)
     token = out.logits[:, -1].argmax(-1, keepdim=True)
-    torch.cuda.synchronize()
+    sync()
     ttft = time.perf_counter() - start
     del out
     if batch > 1:
-        try:
-            cache.batch_repeat_interleave(batch)
-        except torch.OutOfMemoryError:
-            raise
-        except (NotImplementedError, AttributeError, RuntimeError) as e:
-            raise LeanKError(f"{type(cache).__name__} cannot repeat its batch: {e}") from None
+        repeat_rows(cache, batch)
         token = token.repeat_interleave(batch, dim=0)
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    events = [torch.cuda.Event(enable_timing=True) for _ in range(steps + 1)]
+    forward = decode_forward(model, method, compile_config)
+    sync()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    marks = []
+    warm_start = time.perf_counter()
     for i in range(warmup + steps):
         if i == warmup:
-            events[0].record()
-        logits = model(input_ids=token, use_cache=True, logits_to_keep=1, **cache_arg).logits
+            sync()
+            warmup_s = time.perf_counter() - warm_start
+            marks.append(record())
+        if method in COMPILED:
+            torch.compiler.cudagraph_mark_step_begin()
+        logits = forward(input_ids=token, use_cache=True, logits_to_keep=1, **cache_arg).logits
         token = logits[:, -1].argmax(-1, keepdim=True)
         if i >= warmup:
-            events[i - warmup + 1].record()
-    torch.cuda.synchronize()
-    step_ms = [events[i].elapsed_time(events[i + 1]) for i in range(steps)]
-    allocated, ideal = cache_bytes(method, cache)
+            marks.append(record())
+    sync()
+    step_ms = [elapsed(marks[i], marks[i + 1]) for i in range(steps)]
     median = statistics.median(step_ms)
-    return {
-        "method": method, "batch": batch, "prompt": length, "steps": steps,
+    allocated, ideal = kv_bytes_allocated(method, cache)
+    read = weight_bytes(model, batch) + kv_bytes_needed(method, model, cache, batch, total)
+    row = {
+        "method": method, "batch": batch, "prompt": length, "steps": steps, "warmup_s": warmup_s,
         "ttft_s": ttft, "step_ms_median": median, "step_ms_mean": statistics.fmean(step_ms),
-        "tokens_per_s": batch / median * 1e3, "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
-        "kv_gib": allocated / 2**30, "kv_ideal_gib": ideal / 2**30,
+        "step_ms_min": min(step_ms), "step_ms_max": max(step_ms), "tokens_per_s": batch / median * 1e3,
+        "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
+        "kv_gib": allocated / 2**30, "kv_ideal_gib": ideal / 2**30, "step_read_gb": read / 1e9,
     }
+    if copy_bw:
+        row["floor_ms"] = read / copy_bw * 1e3
+        row["mbu"] = row["floor_ms"] / median
+    return row
 
 
+# ---- capacity -------------------------------------------------------------------------------
 def _guarded(fn, budget_bytes: int | None):
     """``fn()`` with the allocator capped at ``budget_bytes``; ``None`` if it runs out of memory."""
     total = torch.cuda.get_device_properties(0).total_memory
@@ -164,6 +260,7 @@ def max_batch(model, method, mask, *, length, budget_gib, steps, warmup) -> dict
             "predicted": guess, "run": run}
 
 
+# ---- the command ------------------------------------------------------------------------------
 def load(model_name: str, mask_path: str | None, device):
     from .models import load_model
     from .resources import bundled_mask_path
@@ -189,6 +286,8 @@ def bench(model_name: str, *, mask_path=None, lengths=(8192,), batches=(1,), bud
     if unknown:
         raise LeanKError(f"unknown method(s) {sorted(unknown)}: choose from {', '.join(METHODS)}")
     model, mask = load(model_name, mask_path, torch.device("cuda"))
+    copy_bw = copy_bandwidth(model.device)
+    progress(f"  copy bandwidth {copy_bw / 1e12:.2f} TB/s (read + write)")
     rows, capacity = [], []
     for length in lengths:
         both = []
@@ -205,8 +304,8 @@ def bench(model_name: str, *, mask_path=None, lengths=(8192,), batches=(1,), bud
         for batch in grid:
             for method in methods:
                 try:
-                    res = _guarded(lambda m=method, b=batch, t=length: run_one(model, m, mask, batch=b, length=t,
-                                                                                steps=steps, warmup=warmup), None)
+                    res = _guarded(lambda m=method, b=batch, t=length: run_one(
+                        model, m, mask, batch=b, length=t, steps=steps, warmup=warmup, copy_bw=copy_bw), None)
                     row = res or {"method": method, "batch": batch, "prompt": length, "oom": True}
                 except LeanKError as e:
                     row = {"method": method, "batch": batch, "prompt": length, "error": str(e)}
@@ -214,22 +313,29 @@ def bench(model_name: str, *, mask_path=None, lengths=(8192,), batches=(1,), bud
                     row["note"] = "largest batch both full and leank fit"
                 rows.append(row)
                 progress("  " + _fmt(row))
-    return {"model": model_name, "mask": str(mask_path or "default"), "rows": rows, "capacity": capacity,
-            "summary": summarize(rows, capacity)}
+    return {"model": model_name, "mask": str(mask_path or "default"), "copy_tb_s": copy_bw / 1e12, "rows": rows,
+            "capacity": capacity, "summary": summarize(rows, capacity)}
 
 
 def summarize(rows: list[dict], capacity: list[dict]) -> dict:
-    """LeanK vs full (and static) at the largest batch both fit, and cached tokens at the budget."""
-    out = {}
+    """Per (prompt, batch): tokens/s of each method, LeanK compiled over the faster dense
+    method, its step time over its byte floor; and cached tokens at the memory budget."""
+    points: dict[str, dict] = {}
     for row in rows:
-        if row.get("note") == "largest batch both full and leank fit" and "tokens_per_s" in row:
-            out.setdefault(f"prompt {row['prompt']}, batch {row['batch']}", {})[row["method"]] = row["tokens_per_s"]
-    ratios = {}
-    for key, by_method in out.items():
-        if "full" in by_method and "leank" in by_method:
-            ratios[key] = {"leank_over_full": by_method["leank"] / by_method["full"]}
-            if "static" in by_method:
-                ratios[key]["leank_over_static"] = by_method["leank"] / by_method["static"]
+        if "tokens_per_s" in row and row.get("note") != "max batch":
+            points.setdefault(f"{row['prompt']}x{row['batch']}", {})[row["method"]] = row
+    speedup = {}
+    for key, by_method in points.items():
+        dense = [by_method[m]["tokens_per_s"] for m in ("full", "full-compiled") if m in by_method]
+        entry = {}
+        if "leank" in by_method and dense:
+            entry["leank_over_best_dense"] = by_method["leank"]["tokens_per_s"] / max(dense)
+        for m in ("leank", "full-compiled"):
+            if m in by_method and "floor_ms" in by_method[m]:
+                entry[f"{m}_step_over_own_floor"] = by_method[m]["step_ms_median"] / by_method[m]["floor_ms"]
+        if "leank" in by_method and "full" in by_method and "floor_ms" in by_method["full"]:
+            entry["leank_step_over_dense_floor"] = by_method["leank"]["step_ms_median"] / by_method["full"]["floor_ms"]
+        speedup[key] = entry
     tokens = {}
     for cap in capacity:
         if cap.get("cached_tokens"):
@@ -237,17 +343,20 @@ def summarize(rows: list[dict], capacity: list[dict]) -> dict:
     for by_method in tokens.values():
         if "full" in by_method and "leank" in by_method:
             by_method["leank_over_full"] = by_method["leank"] / by_method["full"]
-    return {"tokens_per_s": out, "speedup": ratios, "cached_tokens_at_budget": tokens}
+    tps = {key: {m: r["tokens_per_s"] for m, r in by_method.items()} for key, by_method in points.items()}
+    return {"tokens_per_s": tps, "ratios": speedup, "cached_tokens_at_budget": tokens}
 
 
 def _fmt(row: dict) -> str:
+    head = f"{row['method']:>13} B={row['batch']} T={row['prompt']}"
     if row.get("error"):
-        return f"{row['method']:>6} B={row['batch']} T={row['prompt']}: {row['error']}"
+        return f"{head}: {row['error']}"
     if row.get("oom"):
-        return f"{row['method']:>6} B={row['batch']} T={row['prompt']}: out of memory"
-    return (f"{row['method']:>6} B={row['batch']} T={row['prompt']}: TTFT {row['ttft_s']:.3f} s, "
-            f"step {row['step_ms_median']:.2f} ms (mean {row['step_ms_mean']:.2f}), {row['tokens_per_s']:.1f} tok/s, "
-            f"peak {row['peak_gib']:.2f} GiB, KV {row['kv_gib']:.3f} GiB (ideal {row['kv_ideal_gib']:.3f})")
+        return f"{head}: out of memory"
+    floor = f", floor {row['floor_ms']:.2f} ms, MBU {row['mbu']:.0%}" if "floor_ms" in row else ""
+    return (f"{head}: TTFT {row['ttft_s']:.3f} s, step {row['step_ms_median']:.2f} ms{floor}, "
+            f"{row['tokens_per_s']:.1f} tok/s, peak {row['peak_gib']:.2f} GiB, KV {row['kv_gib']:.3f} GiB "
+            f"(ideal {row['kv_ideal_gib']:.3f}), warm-up {row['warmup_s']:.1f} s")
 
 
 def markdown(result: dict, environment: dict) -> str:
@@ -255,21 +364,27 @@ def markdown(result: dict, environment: dict) -> str:
         f"# End-to-end decoding: {result['model']}",
         "",
         f"GPU: {environment.get('gpu')}; torch {environment.get('torch')}, transformers "
-        f"{environment.get('transformers')}, triton {environment.get('triton')}.",
+        f"{environment.get('transformers')}, triton {environment.get('triton')}; copy bandwidth "
+        f"{result['copy_tb_s']:.2f} TB/s (read + write, measured in this run).",
         f"Command: `{environment.get('command')}`",
         "",
-        "| method | batch | prompt | TTFT s | step ms (median) | tokens/s | peak GiB | KV GiB (ideal) | note |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "Step = median of the timed steps (CUDA events). Read = weights read + KV bytes needed per step; "
+        "floor = read / copy bandwidth; MBU = floor / step.",
+        "",
+        "| method | batch | prompt | TTFT s | step ms | tokens/s | read GB | floor ms | MBU | peak GiB | "
+        "KV GiB (ideal) | warm-up s | note |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
         if r.get("oom") or r.get("error"):
             why = "out of memory" if r.get("oom") else r["error"]
-            lines.append(f"| {r['method']} | {r['batch']} | {r['prompt']} | {why} | | | | | |")
+            lines.append(f"| {r['method']} | {r['batch']} | {r['prompt']} | {why} |" + " |" * 10)
             continue
         lines.append(
             f"| {r['method']} | {r['batch']} | {r['prompt']} | {r['ttft_s']:.3f} | {r['step_ms_median']:.2f} | "
-            f"{r['tokens_per_s']:.1f} | {r['peak_gib']:.2f} | {r['kv_gib']:.3f} ({r['kv_ideal_gib']:.3f}) | "
-            f"{r.get('note', '')} |"
+            f"{r['tokens_per_s']:.1f} | {r['step_read_gb']:.2f} | {r.get('floor_ms', float('nan')):.2f} | "
+            f"{r.get('mbu', float('nan')):.0%} | {r['peak_gib']:.2f} | {r['kv_gib']:.3f} ({r['kv_ideal_gib']:.3f}) | "
+            f"{r['warmup_s']:.1f} | {r.get('note', '')} |"
         )
     if result["capacity"]:
         lines += ["", "| method | prompt | budget GiB | max batch | cached tokens | GiB per row |",
@@ -277,20 +392,20 @@ def markdown(result: dict, environment: dict) -> str:
         for c in result["capacity"]:
             lines.append(f"| {c['method']} | {c['prompt']} | {c['budget_gib']} | {c.get('max_batch')} | "
                          f"{c.get('cached_tokens', '')} | {c.get('per_row_gib', float('nan')):.3f} |")
-    lines += ["", "Summary: `" + str(result["summary"]) + "`", ""]
+    lines += ["", "Summary: `" + json.dumps(result["summary"]["ratios"]) + "`", ""]
     return "\n".join(lines)
 
 
 def register(sub) -> None:
-    p = sub.add_parser("bench", help="end-to-end decoding benchmark on a GPU: full cache vs LeanK")
+    p = sub.add_parser("bench", help="end-to-end decoding on a GPU: dense caches vs LeanK, eager and compiled")
     p.add_argument("--model", default="smollm2-135m", help=f"a model name or {LLAMA_8B_SHAPE} (random weights)")
     p.add_argument("--mask", default=None, help="mask file (default: bundled / the authors' Llama mask)")
     p.add_argument("--lengths", type=int, nargs="+", default=[8192])
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     p.add_argument("--budget-gib", type=float, default=None, help="find the largest batch within this memory")
-    p.add_argument("--methods", nargs="+", default=list(METHODS))
+    p.add_argument("--methods", nargs="+", default=list(METHODS), help=f"any of {', '.join(METHODS)}")
     p.add_argument("--steps", type=int, default=32)
-    p.add_argument("--warmup", type=int, default=4)
+    p.add_argument("--warmup", type=int, default=4, help="untimed steps first (compiled methods compile in them)")
     p.add_argument("--out", default=None, help="directory for results.json and results.md")
     p.set_defaults(run=_main)
 
@@ -306,6 +421,8 @@ def _main(args) -> int:
             raise LeanKError(f"--{name} must be positive integers, got {values}")
     if args.steps < 1 or args.warmup < 0:
         raise LeanKError("--steps must be >= 1 and --warmup >= 0")
+    if any(m in COMPILED for m in args.methods) and args.warmup < 3:
+        raise LeanKError("compiled methods need --warmup >= 3 (compilation and CUDA-graph recording happen there)")
     result = bench(args.model, mask_path=args.mask, lengths=args.lengths, batches=args.batches,
                    budget_gib=args.budget_gib, methods=args.methods, steps=args.steps, warmup=args.warmup)
     env = environment(" ".join(["leank"] + sys.argv[1:]))
@@ -316,4 +433,5 @@ def _main(args) -> int:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_json(out / "results.json", {"environment": env, **result})
         atomic_write_text(out / "results.md", text)
+    print(json.dumps({"model": result["model"], "copy_tb_s": result["copy_tb_s"], **result["summary"]}))
     return 0

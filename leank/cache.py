@@ -78,6 +78,7 @@ class LeanKLayer(DynamicLayer):
         self.pending: tuple[torch.Tensor, torch.Tensor] | None = None  # K/V stored after their attention
         self.length = 0  # tokens stored (host copy of `seen`; not kept up by compiled steps)
         self.capacity = 0  # middle token slots, scratch excluded
+        self.sink_k = self.sink_v = self.ring_k = self.ring_v = self.mid_k = self.mid_v = self.pads = None
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.device, self.dtype = key_states.device, key_states.dtype
@@ -129,6 +130,7 @@ class LeanKLayer(DynamicLayer):
             self.lazy_initialization(key_states, value_states)
         q = key_states.shape[-2]
         if self.view is None:  # the prompt: SDPA over it, then `after_prefill` stores it
+            self.batch = key_states.shape[0]
             self.pending = (key_states, value_states)
             handle = Handle(self, prompt=self.pending)
         elif q == 1:
@@ -174,7 +176,11 @@ class LeanKLayer(DynamicLayer):
         return self.max_length if self.max_length is not None else -1
 
     def reset(self) -> None:
-        self._clear()
+        """Forget the sequence. The buffers are kept, and the next prompt of the same batch size
+        reuses them: a compiled decode step (captured with their addresses) stays valid."""
+        if self.is_initialized:
+            self.seen.zero_()
+        self.view, self.pending, self.length = None, None, 0
 
     def crop(self, tokens_to_remove: int) -> None:
         raise LeanKError("a LeanK cache cannot be cropped (assisted/speculative decoding): use a DynamicCache")
@@ -215,17 +221,27 @@ class LeanKLayer(DynamicLayer):
         total = self.max_length if self.max_length is not None else prompt
         if total < prompt:
             raise LeanKError(f"the prompt has {prompt} tokens, more than this cache's max_length {total}")
-        kw = dict(dtype=self.dtype, device=self.device)
         ring = min(self.recent + 1, total)
+        # With max_length the middle is sized for a row without padding (c0 = S), whatever the
+        # padding: the same shapes for every prompt of this batch size, so buffers are reused.
+        c0 = int(pads.min()) + S
+        capacity = max(0, total - (self.recent + 1) - (S if self.max_length is not None else c0))
+        self.seen.zero_()
+        self.c0.fill_(c0)
+        self.length = 0
+        if self.ring_k is not None and self.ring_k.shape == (B, H, ring, D) and self.capacity == capacity \
+                and self.mid_k.shape[0] == B:
+            self.pads.copy_(pads)
+            self._set_view()
+            return
+        kw = dict(dtype=self.dtype, device=self.device)
         self.sink_k = torch.zeros(B, H, S + 1, D, **kw)
         self.sink_v = torch.zeros(B, H, S + 1, D, **kw)
         self.ring_k = torch.zeros(B, H, ring, D, **kw)
         self.ring_v = torch.zeros(B, H, ring, D, **kw)
         self.pads = pads.clone()  # its own storage: reorders write it in place
-        self.c0.fill_(int(pads.min()) + S)
-        self.seen.zero_()
-        self.length = 0
-        self._layout_middle(max(0, total - (self.recent + 1) - (int(pads.min()) + S)))
+        self.capacity = 0
+        self._layout_middle(capacity)
         _mark_static(self.sink_k, self.sink_v, self.ring_k, self.ring_v, self.pads, self.seen, self.c0)
 
     def _layout_middle(self, capacity: int) -> None:
@@ -344,8 +360,9 @@ class LeanKLayer(DynamicLayer):
                 self.v_src, self.v_head_off, self.v_col, self.k_base, self.v_base]
 
     def nbytes(self) -> int:
-        """Bytes of every tensor this layer holds (capacity, not just the used part)."""
-        if self.view is None:
+        """Bytes of every tensor this layer holds (capacity, not just the used part; after
+        :meth:`reset` the buffers kept for the next prompt)."""
+        if self.ring_k is None:
             return _nbytes(*self.pending) if self.pending is not None else 0
         return _nbytes(self.sink_k, self.sink_v, self.ring_k, self.ring_v, self.mid_k, self.mid_v,
                        *self._index_tensors())

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import torch
+from transformers import CompileConfig
 
+import leank
 from leank import bench
 from leank.cli import main
+
+from .conftest import tiny_model
 
 
 def test_bench_refuses_cleanly_without_cuda_or_with_bad_input(capsys):
@@ -18,19 +22,46 @@ def test_bench_refuses_cleanly_without_cuda_or_with_bad_input(capsys):
 
 def test_summary_ratios_from_rows():
     gen = torch.Generator().manual_seed(torch.seed() % 2**31)
-    full_tps, leank_tps = (torch.rand(2, generator=gen) * 100 + 1).tolist()
-    full_rows, leank_rows = torch.randint(1, 50, (2,), generator=gen).tolist()
-    note = "largest batch both full and leank fit"
+    full, compiled, lean = (torch.rand(3, generator=gen) * 100 + 1).tolist()
+    floor = float(torch.rand(1, generator=gen)) + 0.1
     rows = [
-        {"method": "full", "batch": 7, "prompt": 512, "tokens_per_s": full_tps, "note": note},
-        {"method": "leank", "batch": 7, "prompt": 512, "tokens_per_s": leank_tps, "note": note},
-        {"method": "full", "batch": 1, "prompt": 512, "tokens_per_s": 1.0},  # not at the shared batch
+        {"method": "full", "batch": 7, "prompt": 512, "tokens_per_s": full, "step_ms_median": 7e3 / full,
+         "floor_ms": 2 * floor},
+        {"method": "full-compiled", "batch": 7, "prompt": 512, "tokens_per_s": compiled},
+        {"method": "leank", "batch": 7, "prompt": 512, "tokens_per_s": lean, "step_ms_median": 7e3 / lean,
+         "floor_ms": floor},
+        {"method": "leank", "batch": 9, "prompt": 512, "tokens_per_s": 1.0, "note": "max batch"},  # not a grid point
     ]
-    capacity = [
-        {"method": "full", "prompt": 512, "cached_tokens": full_rows * 548},
-        {"method": "leank", "prompt": 512, "cached_tokens": leank_rows * 548},
-    ]
+    capacity = [{"method": "full", "prompt": 512, "cached_tokens": 3 * 548},
+                {"method": "leank", "prompt": 512, "cached_tokens": 5 * 548}]
     summary = bench.summarize(rows, capacity)
-    ratio = summary["speedup"]["prompt 512, batch 7"]["leank_over_full"]
-    assert abs(ratio - leank_tps / full_tps) < 1e-12
-    assert abs(summary["cached_tokens_at_budget"][512]["leank_over_full"] - leank_rows / full_rows) < 1e-12
+    ratios = summary["ratios"]["512x7"]
+    assert abs(ratios["leank_over_best_dense"] - lean / max(full, compiled)) < 1e-12
+    assert abs(ratios["leank_step_over_own_floor"] - 7e3 / lean / floor) < 1e-9
+    assert abs(ratios["leank_step_over_dense_floor"] - 7e3 / lean / (2 * floor)) < 1e-9
+    assert "512x9" not in summary["ratios"]
+    assert abs(summary["cached_tokens_at_budget"][512]["leank_over_full"] - 5 / 3) < 1e-12
+
+
+def test_step_read_bytes_from_the_definition():
+    """Weights one step reads (only B rows of an untied input embedding) and dense KV bytes."""
+    model = tiny_model("llama", layers=2, kv_heads=2, groups=2, head_dim=16, vocab=97)
+    params = sum(p.numel() for p in model.parameters()) * 4
+    assert bench.weight_bytes(model, 3) == params - 97 * 64 * 4 + 3 * 64 * 4
+    assert bench.kv_bytes_needed("full", model, None, 3, 50) == 2 * 3 * 50 * 2 * 16 * 2 * 4
+
+
+def test_every_method_runs_on_cpu():
+    """The measurement loop of each method (compiled ones through transformers' compile call,
+    here with dynamo's eager backend on the CPU): a row with consistent figures."""
+    model = tiny_model("llama", layers=2, kv_heads=2, groups=2, head_dim=16, vocab=97)
+    mask = leank.ChannelMask.random(2, 2, 16, sparsity=0.5, alignment=4, generator=torch.Generator().manual_seed(0))
+    config = CompileConfig(backend="eager", fullgraph=True)
+    config._compile_all_devices = True
+    for method in bench.METHODS:
+        row = bench.run_one(model, method, mask, batch=3, length=40, steps=4, warmup=3, copy_bw=1e10,
+                            compile_config=config)
+        assert row["method"] == method and row["batch"] == 3
+        assert abs(row["tokens_per_s"] - 3e3 / row["step_ms_median"]) < 1e-6
+        assert abs(row["mbu"] - row["floor_ms"] / row["step_ms_median"]) < 1e-9
+        assert row["kv_gib"] > 0

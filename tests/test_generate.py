@@ -36,20 +36,24 @@ def test_greedy_32_tokens(arch):
     assert int(cache.layers[0].seen) - cache.layers[0].ring_k.shape[2] - int(cache.layers[0].c0) > 0
 
 
-def test_left_padded_batch_of_3(arch):
+@pytest.mark.parametrize("static", [False, True])
+def test_left_padded_batch_of_3(arch, static):
     model = tiny_model(arch, qk_gain=3.0)
     gen = torch.Generator().manual_seed(torch.seed() % 2**31)
     ids, am = left_padded([30, 17, 4], 97, gen)
-    dense, ours, _ = generate_both(model, ids, am, max_new_tokens=32, min_new_tokens=32, do_sample=False)
+    dense, ours, _ = generate_both(model, ids, am, max_new_tokens=32, min_new_tokens=32, do_sample=False,
+                                   max_length=30 + 32 if static else None)
     assert torch.equal(dense, ours)
 
 
-def test_beam_search_2(arch):
+@pytest.mark.parametrize("static", [False, True])
+def test_beam_search_2(arch, static):
     model = tiny_model(arch, qk_gain=3.0)
     gen = torch.Generator().manual_seed(torch.seed() % 2**31)
     ids, am = left_padded([25, 19], 97, gen)
     dense, ours, _ = generate_both(
-        model, ids, am, max_new_tokens=24, min_new_tokens=24, do_sample=False, num_beams=2
+        model, ids, am, max_new_tokens=24, min_new_tokens=24, do_sample=False, num_beams=2,
+        max_length=25 + 24 if static else None,
     )
     assert torch.equal(dense, ours)
 
@@ -75,16 +79,21 @@ def test_prompt_shorter_than_sink_plus_recent_full_mask(sink, recent):
     assert torch.equal(dense, ours)
 
 
-def test_cache_reset_and_reuse():
+@pytest.mark.parametrize("static", [False, True])
+def test_cache_reset_and_reuse(static):
     model = tiny_model("llama", qk_gain=3.0)
     gen = torch.Generator().manual_seed(torch.seed() % 2**31)
-    ids, am = left_padded([20], 97, gen)
+    ids, am = left_padded([20, 9], 97, gen)
     leank.enable(model)
     mask = leank.ChannelMask.random(2, 2, 16, sparsity=0.5, alignment=4, generator=gen)
-    cache = leank.LeanKCache(model, mask, sink=2, recent=4)
+    cache = leank.LeanKCache(model, mask, sink=2, recent=4, max_length=32 if static else None)
     kw = dict(input_ids=ids, attention_mask=am, max_new_tokens=12, do_sample=False, pad_token_id=0)
     first = model.generate(**kw, **leank.cache_kwargs(cache))
+    buffers = [t.data_ptr() for t in (cache.layers[0].mid_k, cache.layers[0].ring_k, cache.layers[0].seen)]
     cache.reset()
-    assert cache.get_seq_length() == 0 and cache.nbytes() == 0
+    assert cache.get_seq_length() == 0
     again = model.generate(**kw, **leank.cache_kwargs(cache))
     assert torch.equal(first, again)
+    if static:  # the same buffers (a compiled step captured with their addresses stays valid)
+        assert buffers == [t.data_ptr() for t in (cache.layers[0].mid_k, cache.layers[0].ring_k,
+                                                  cache.layers[0].seen)]

@@ -1,0 +1,80 @@
+"""The static decode step under torch.compile, on the CPU: transformers' own auto-compile
+path in ``generate()`` (the one it takes on CUDA with CUDA graphs; here forced on the CPU
+with dynamo's ``eager`` backend, so the test checks tracing, not code generation) gives the
+same tokens as eager decoding, with one graph for every decode step (no recompilation as
+the sequence grows, no graph break)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+from transformers import CompileConfig
+
+import leank
+
+from .conftest import left_padded, tiny_model
+
+
+def cpu_compile_config() -> CompileConfig:
+    config = CompileConfig(backend="eager", fullgraph=True, dynamic=False)
+    config._compile_all_devices = True  # transformers compiles on CUDA only unless told
+    return config
+
+
+@pytest.mark.parametrize("sampling", [False, True], ids=["greedy", "sampling"])
+def test_generate_compiled_equals_eager(sampling):
+    gen = torch.Generator().manual_seed(torch.seed() % 2**31)
+    model = tiny_model("llama", layers=2, kv_heads=2, groups=2, head_dim=16, qk_gain=3.0)
+    mask = leank.ChannelMask.random(2, 2, 16, sparsity=0.5, alignment=4, generator=gen)
+    leank.enable(model)
+    ids, am = left_padded([30, 20, 3], 97, gen)  # one prompt shorter than sink + recent
+    kw = dict(input_ids=ids, attention_mask=am, max_new_tokens=25, min_new_tokens=25, pad_token_id=0,
+              do_sample=sampling, top_k=0)
+    seed = torch.seed()
+    outs = []
+    torch._dynamo.reset()
+    counters.clear()
+    for compiled in (False, True):
+        cache = leank.LeanKCache(model, mask, sink=3, recent=5, max_length=ids.shape[1] + 25)
+        assert cache.is_compileable
+        torch.manual_seed(seed)
+        mode = dict(compile_config=cpu_compile_config()) if compiled else dict(disable_compile=True)
+        outs.append(model.generate(**kw, **mode, **leank.cache_kwargs(cache)))
+        # tokens moved into the middle store on the way
+        assert int(cache.layers[0].seen) - cache.layers[0].ring_k.shape[2] - int(cache.layers[0].c0) > 0
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+    assert torch.equal(outs[0], outs[1])
+
+
+def test_growing_cache_is_not_compileable():
+    model = tiny_model("llama")
+    leank.enable(model)
+    mask = leank.ChannelMask.full(2, 2, 16)
+    assert not leank.LeanKCache(model, mask).is_compileable
+    with pytest.raises(leank.LeanKError, match="max_length must be a positive"):
+        leank.LeanKCache(model, mask, max_length=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("num_beams", [1, 2])
+def test_generate_on_cuda_takes_the_cuda_graph_path(num_beams):
+    """On CUDA, generate() compiles the decode step of a static LeanK cache by itself
+    (inductor, CUDA graphs, the Triton kernel as an opaque op): same tokens as eager."""
+    gen = torch.Generator().manual_seed(torch.seed() % 2**31)
+    model = tiny_model("llama", layers=2, kv_heads=2, groups=2, head_dim=64, qk_gain=3.0).cuda()
+    mask = leank.ChannelMask.random(2, 2, 64, sparsity=0.5, alignment=16, generator=gen)
+    leank.enable(model)
+    ids, am = left_padded([60, 41, 5], 97, gen)
+    kw = dict(input_ids=ids.cuda(), attention_mask=am.cuda(), max_new_tokens=40, min_new_tokens=40,
+              pad_token_id=0, do_sample=False, num_beams=num_beams)
+    outs = []
+    torch._dynamo.reset()
+    counters.clear()
+    for compiled in (False, True):
+        cache = leank.LeanKCache(model, mask, sink=4, recent=8, max_length=ids.shape[1] + 40)
+        mode = {} if compiled else dict(disable_compile=True)
+        outs.append(model.generate(**kw, **mode, **leank.cache_kwargs(cache)))
+    assert counters["stats"]["unique_graphs"] >= 1, "generate() did not compile the decode step"
+    assert torch.equal(outs[0], outs[1])
