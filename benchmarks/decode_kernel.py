@@ -81,20 +81,22 @@ def bench(fn, reps: int = 20, trials: int = 7) -> float:
 
 def build_layer(kept, k, v, sink, recent) -> LeanKLayer:
     """A LeanK layer holding the prompt ``k``/``v`` compressed, plus one decoded token."""
-    layer = LeanKLayer(kept.to(k.device), sink=sink, recent=recent, chunk=max(1, min(64, recent // 4)))
+    layer = LeanKLayer(kept.to(k.device), sink=sink, recent=recent, max_length=k.shape[2] + 1)
     layer.update(k, v)
-    layer.finish_prefill(torch.zeros(k.shape[0], dtype=torch.long, device=k.device))
+    layer.after_prefill(None, torch.zeros(k.shape[0], dtype=torch.long, device=k.device))
     layer.update(k[:, :, -1:].clone(), v[:, :, -1:].clone())
     return layer
 
 
 def leank_read_bytes(layer: LeanKLayer) -> int:
     """K/V bytes one decode step must read from this layer's LeanK store (batch rows, no padding)."""
-    elem = layer.window_k.element_size()
-    full_tokens = min(layer.sink, layer.w0) + layer.window_len
+    elem = layer.ring_k.element_size()
+    seen, ring = int(layer.seen), layer.ring_k.shape[2]
+    full_tokens = min(layer.sink, max(0, seen - ring)) + min(seen, ring)
+    middle = max(0, seen - ring - int(layer.c0))
     counts = layer.kept.sum(-1)
     middle_per_token = int(counts.sum()) + layer.head_dim * int((counts > 0).sum())
-    per_row = full_tokens * layer.num_kv_heads * 2 * layer.head_dim + layer.middle_len * middle_per_token
+    per_row = full_tokens * layer.num_kv_heads * 2 * layer.head_dim + middle * middle_per_token
     return layer.batch * per_row * elem
 
 
@@ -137,7 +139,7 @@ def run_leank(layers, q, scaling, config=None):
         os.environ["LEANK_TRITON_CONFIG"] = ",".join(map(str, config))
     else:
         os.environ.pop("LEANK_TRITON_CONFIG", None)
-    return sum(bench(lambda layer=layer: td.decode_attention_triton(q, layer, scaling)) for layer in layers)
+    return sum(bench(lambda layer=layer: td.decode_attention_triton(q, layer.view, scaling)) for layer in layers)
 
 
 def main() -> None:

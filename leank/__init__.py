@@ -3,7 +3,7 @@
     import leank
     model, tok = leank.load_model("smollm2-135m")          # LeanK attention enabled
     mask = leank.ChannelMask.load(leank.bundled_mask_path("smollm2-135m"))
-    cache = leank.LeanKCache(model, mask)
+    cache = leank.LeanKCache(model, mask, max_length=4096)   # static: generate() compiles it on CUDA
     out = model.generate(**tok(prompt, return_tensors="pt"), **leank.cache_kwargs(cache))
 
 The training code (``leank.train``) is not imported here.
@@ -11,6 +11,7 @@ The training code (``leank.train``) is not imported here.
 
 from .attention import enable
 from .cache import LeanKCache, LeanKLayer, cache_kwargs
+from .contract import DecodeView, in_full
 from .errors import LeanKError
 from .kernels import decode_attention
 from .masks import ChannelMask, binarize
@@ -19,6 +20,7 @@ from .resources import bundled_mask_path
 
 __all__ = [
     "ChannelMask",
+    "DecodeView",
     "LeanKCache",
     "LeanKError",
     "LeanKLayer",
@@ -27,6 +29,7 @@ __all__ = [
     "cache_kwargs",
     "decode_attention",
     "enable",
+    "in_full",
     "load_model",
     "load_tokenizer",
 ]

@@ -1,22 +1,22 @@
-"""Triton decode attention over a LeanK cache (one new token per row).
+"""Triton decode attention over a LeanK cache's :class:`~leank.contract.DecodeView` (one new token per row).
 
-Two launches per layer. ``_leank_decode_kernel``, grid ``(B * H_kv, splits + 1)``: program ``(b, h, s)`` with
-``s < splits`` attends the query heads of KV head ``h`` (packed into one tile, so
-``tl.dot`` runs on tensor cores) to the ``s``-th slice of row ``b``'s compressed middle
-tokens: it reads only the head's kept K channels (row stride ``c``) and its V. The kept
-count is a runtime value from the per-head tables; it selects a tile width among the
-powers of two (a compile-time constant per branch). Slices hold about the same bytes
-(heads that keep more channels get shorter slices); heads that keep nothing skip the
-middle. Program ``s == splits`` attends to the sink and window tokens (full K and V).
-Each program writes an fp32 partial output and its log-sum-exp (base 2).
-``_merge_kernel``, grid ``(B * H_q,)``, merges each query head's partials (loaded as one
-tile) into one softmax and writes the output in the query's dtype. (Merging inside the
-first kernel, by the last program of each head to finish, was measured slower at batch
-1: its loop over ~100 partials is serial; see docs/LOG.md.)
+Two launches per layer. ``_leank_decode_kernel``, grid ``(B * H_kv, splits + 1)``: program
+``(b, h, s)`` with ``s < splits`` attends the query heads of KV head ``h`` (packed into one
+tile, so ``tl.dot`` runs on tensor cores) to the ``s``-th slice of row ``b``'s compressed
+middle tokens: it reads only the head's kept K channels (row stride ``c``) and its V. The
+kept count is a runtime value from the per-head tables; it selects a tile width among the
+powers of two (a compile-time constant per branch). Slices hold about the same bytes (heads
+that keep more channels get shorter slices); heads that keep nothing skip the middle.
+Program ``s == splits`` attends to the sink and the ring (full K and V; ring position ``p``
+in slot ``p % W``). Each program writes an fp32 partial output and its log-sum-exp (base 2).
+``_merge_kernel``, grid ``(B * H_q,)``, merges each query head's partials into one softmax
+and writes the output in the query's dtype. (Merging inside the first kernel, by the last
+program of each head to finish, was measured slower at batch 1; see docs/LOG.md.)
 
-Lengths are launch arguments that are not specialised on (no recompilation per length).
-The workspace is a grow-only buffer per device, so a decode step allocates only its
-output and does not synchronise with the host (it can be captured in a CUDA graph).
+Lengths are read from device memory (``seen``, ``c0``, ``pads``) and the grid is fixed for a
+cache's life (:func:`plan`: the split length follows the middle length inside the kernel),
+so one compiled kernel and one captured CUDA graph serve every step: no recompilation, no
+host value, no allocation besides the step's workspace and output.
 
 Under ``TRITON_INTERPRET=1`` (CPU tests) loaded values are cast to fp32 before any
 arithmetic: the interpreter mishandles bf16 arithmetic.
@@ -222,13 +222,18 @@ class Plan:
     kalign: int  # largest power of two (<= 16) dividing every kept count
 
 
-@functools.lru_cache(maxsize=256)
-def plan(batch: int, head_counts: tuple[int, ...], D: int, slots: int, sm_count: int, programs: int | None = None):
+def plan(batch: int, head_counts: tuple[int, ...], D: int, slots: int, sm_count: int,
+         programs: int | None = None) -> Plan:
     """The :class:`Plan` for ``batch`` rows of heads keeping ``head_counts`` channels. The
     kernel spreads the middle tokens of all rows and heads over about ``programs`` programs
     (default: ``waves`` per SM); ``splits`` is what the head keeping most channels needs
     then, independent of the middle length (tests pass a large ``programs`` to force many)."""
-    block, warps, stages, waves = kernel_config(D)
+    return _plan(batch, head_counts, D, slots, sm_count, programs, kernel_config(D))
+
+
+@functools.lru_cache(maxsize=256)
+def _plan(batch, head_counts, D, slots, sm_count, programs, config) -> Plan:
+    block, warps, stages, waves = config
     programs = programs or int(waves * sm_count)
     kept = [c for c in head_counts if c > 0]
     kalign = math.gcd(*head_counts) or 16
