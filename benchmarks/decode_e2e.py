@@ -11,4 +11,5 @@ import sys
 from leank.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main(["bench", *sys.argv[1:]]))
+    sys.argv = ["leank", "bench", *sys.argv[1:]]  # recorded as the equivalent `leank bench` command
+    sys.exit(main(sys.argv[1:]))
