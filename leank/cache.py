@@ -79,6 +79,7 @@ class LeanKLayer(DynamicLayer):
         self.length = 0  # tokens stored (host copy of `seen`; not kept up by compiled steps)
         self.capacity = 0  # middle token slots, scratch excluded
         self.sink_k = self.sink_v = self.ring_k = self.ring_v = self.mid_k = self.mid_v = self.pads = None
+        self.sink_full = False
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.device, self.dtype = key_states.device, key_states.dtype
@@ -122,6 +123,9 @@ class LeanKLayer(DynamicLayer):
         self.v_col = torch.arange(D, device=dev).repeat(len(kept_heads))
         self.seen = torch.zeros((), **long)
         self.c0 = torch.zeros((), **long)
+        # Static too: CUDA graphs copy every non-static tensor input in at each replay.
+        _mark_static(*self.tables, self.k_src, self.k_head_off, self.k_col, self.k_step, self.v_src,
+                     self.v_head_off, self.v_col)
         self.is_initialized = True
 
     # ---- the transformers contract --------------------------------------------------
@@ -229,6 +233,7 @@ class LeanKLayer(DynamicLayer):
         self.seen.zero_()
         self.c0.fill_(c0)
         self.length = 0
+        self.sink_full = False
         if self.ring_k is not None and self.ring_k.shape == (B, H, ring, D) and self.capacity == capacity \
                 and self.mid_k.shape[0] == B:
             self.pads.copy_(pads)
@@ -266,7 +271,7 @@ class LeanKLayer(DynamicLayer):
         # Where slot 0 of each packed K channel / stored V element lives; slot i adds i * step.
         self.k_base = self.k_head_off * slots + self.k_col
         self.v_base = self.v_head_off * slots * D + self.v_col
-        _mark_static(self.mid_k, self.mid_v)
+        _mark_static(self.mid_k, self.mid_v, self.k_base, self.v_base)
         self._set_view()
 
     def _set_view(self) -> None:
@@ -310,10 +315,11 @@ class LeanKLayer(DynamicLayer):
         store; writes that belong nowhere go to scratch slots. Fixed shapes, no host values."""
         B, H, m, D = k.shape
         S = self.sink
-        idx = pos[None, :] - self.pads[:, None]  # [B, m] sink slot
-        idx = torch.where((idx >= 0) & (idx < S), idx, S)[:, None, :, None].expand(B, H, m, D)
-        self.sink_k.scatter_(2, idx, k)
-        self.sink_v.scatter_(2, idx, v)
+        if not self.sink_full:
+            idx = pos[None, :] - self.pads[:, None]  # [B, m] sink slot
+            idx = torch.where((idx >= 0) & (idx < S), idx, S)[:, None, :, None].expand(B, H, m, D)
+            self.sink_k.scatter_(2, idx, k)
+            self.sink_v.scatter_(2, idx, v)
         if not self.middle_width:
             return
         slot = pos - self.c0
@@ -350,6 +356,9 @@ class LeanKLayer(DynamicLayer):
         self.ring_v.index_copy_(2, pos[stay] % ring, values[:, :, stay])
         self.seen.fill_(end)
         self.length = end
+        # Every row's sink has left the ring: later steps write no sink slot (a constant for
+        # a compiled step, so it has no sink write at all).
+        self.sink_full = end - ring >= int(self.pads.max()) + self.sink
 
     # ---- accounting -----------------------------------------------------------------
     def _stored(self) -> int:

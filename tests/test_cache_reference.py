@@ -103,8 +103,9 @@ def test_second_generate_call_continues_the_cache(static):
     kw = dict(do_sample=False, pad_token_id=0, **leank.cache_kwargs(cache))
     first = model.generate(input_ids=ids, max_new_tokens=20, min_new_tokens=20, **kw)
     more = torch.cat([first, torch.randint(3, 97, (1, 15), generator=gen)], 1)
-    out = model.generate(input_ids=more, max_new_tokens=12, min_new_tokens=12, output_logits=True,
-                         return_dict_in_generate=True, **kw)
+    # (an explicit mask: generate() would take generated pad-id tokens for padding)
+    out = model.generate(input_ids=more, attention_mask=torch.ones_like(more), max_new_tokens=12, min_new_tokens=12,
+                         output_logits=True, return_dict_in_generate=True, **kw)
     got = torch.stack(out.logits, 1)
     # Reference: prompt dense, then every later query by the rule (the second chunk's queries
     # included), i.e. prompt_len = the first prompt.
