@@ -16,15 +16,17 @@ is all-reduced (:mod:`leank.train.distributed`); only rank 0 writes these files.
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from .._io import atomic_write, atomic_write_json
+from .._io import atomic_write, atomic_write_json, check_writable_dir, write_error
 from ..errors import LeanKError
 from ..masks import binarize, kv_shape
+from ..models import check_device
 from .config import TrainConfig
 from .distill import binary_scale, distill_loss
 from .distributed import Dist, setup, shard_model, sync_grad
@@ -73,12 +75,13 @@ class Trainer:
         self.out = Path(cfg.out)
         self.ckpt_dir = self.out / "checkpoints"
         dist.on_main(lambda: self._check_out_dir(resume))
+        check_device(cfg.device)  # before dist.device(), which would pick a GPU that does not exist
         self.device = dist.device(cfg.device)
-        if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise LeanKError(
-                "training needs a CUDA GPU and none is visible: run on a GPU machine, "
-                "or pass --device cpu to train (slowly) on the CPU"
-            )
+        if cfg.corpus:  # a bad corpus is refused before the run directory exists
+            from ..data.text import load_corpus
+
+            load_corpus(cfg.corpus)
+        dist.on_main(lambda: check_writable_dir(self.out))
         if cfg.batch < dist.world:
             raise LeanKError(
                 f"--batch {cfg.batch} is smaller than the {dist.world} processes: each step's samples are split "
@@ -130,8 +133,12 @@ class Trainer:
     def _log(self, record: dict) -> None:
         if not self.dist.is_main:
             return
-        with open(self.out / "log.jsonl", "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+        path = self.out / "log.jsonl"
+        try:
+            with open(path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as e:
+            raise write_error(path, e) from None
 
     def _truncate_log(self, stage: str, after_step: int) -> None:
         """Drop log lines a killed run wrote after its last checkpoint (they are redone)."""
@@ -279,6 +286,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> d
     """
     from safetensors.torch import save_file
 
+    check_device(cfg.device)
     dist = setup(cfg.device)
     trainer = Trainer(cfg, resume=resume, progress=progress, dist=dist)
     summary: dict = {"config": cfg.to_dict(), "processes": dist.world, "stages": {}}
@@ -349,7 +357,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> d
         atomic_write_json(trainer.out / "summary.json", summary)
         from .plots import plot_run
 
-        plot_run(trainer.out)
+        if not plot_run(trainer.out):
+            print("note: plots skipped: matplotlib is not installed (pip install 'leank[plots]')", file=sys.stderr)
     return summary
 
 
