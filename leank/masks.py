@@ -23,11 +23,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ._defaults import DEFAULT_RECENT, DEFAULT_SINK
 from ._io import atomic_write
 from .errors import LeanKError
-
-DEFAULT_SINK = 32
-DEFAULT_RECENT = 64
 
 
 def kv_shape(config) -> tuple[int, int, int]:
