@@ -128,6 +128,10 @@ class Trainer:
                 f"cannot resume {self.out}: it was started with different {', '.join(diff)} "
                 "(use the same settings or another --out)"
             )
+        # A killed run can leave atomic_write's temporaries (.NAME.XXXX.tmp) behind: not results, remove them.
+        for directory in (self.out, self.ckpt_dir):
+            for tmp in directory.glob(".*.tmp"):
+                tmp.unlink(missing_ok=True)
 
     # ---- logging ------------------------------------------------------------------
     def _log(self, record: dict) -> None:
@@ -145,11 +149,14 @@ class Trainer:
         path = self.out / "log.jsonl"
         if not self.dist.is_main or not path.exists():
             return
-        lines = [
-            ln
-            for ln in path.read_text().splitlines()
-            if not (json.loads(ln)["stage"] == stage and json.loads(ln)["step"] > after_step)
-        ]
+        lines = []
+        for ln in path.read_text().splitlines():
+            try:
+                record = json.loads(ln)
+            except ValueError:  # a line torn by a kill mid-write: only the last can be, after the checkpoint
+                continue
+            if not (record["stage"] == stage and record["step"] > after_step):
+                lines.append(ln)
         atomic_write(path, lambda tmp: Path(tmp).write_text("".join(ln + "\n" for ln in lines)))
 
     # ---- one stage ----------------------------------------------------------------
