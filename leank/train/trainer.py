@@ -74,14 +74,9 @@ class Trainer:
         self.cfg, self.progress = cfg, progress and dist.is_main
         self.out = Path(cfg.out)
         self.ckpt_dir = self.out / "checkpoints"
-        dist.on_main(lambda: self._check_out_dir(resume))
         check_device(cfg.device)  # before dist.device(), which would pick a GPU that does not exist
+        dist.on_main(lambda: self._check_out_dir(resume))
         self.device = dist.device(cfg.device)
-        if cfg.corpus:  # a bad corpus is refused before the run directory exists
-            from ..data.text import load_corpus
-
-            load_corpus(cfg.corpus)
-        dist.on_main(lambda: check_writable_dir(self.out))
         if cfg.batch < dist.world:
             raise LeanKError(
                 f"--batch {cfg.batch} is smaller than the {dist.world} processes: each step's samples are split "
@@ -115,6 +110,13 @@ class Trainer:
             atomic_write_json(self.out / "config.json", cfg.to_dict())
 
     def _check_out_dir(self, resume: bool) -> None:
+        """Rank 0, before anything is written: the corpus is readable, ``out`` is writable, and
+        a run already there is resumed only with ``resume`` and the same settings."""
+        if self.cfg.corpus:  # a bad corpus must not leave a run directory behind
+            from ..data.text import load_corpus
+
+            load_corpus(self.cfg.corpus)
+        check_writable_dir(self.out)
         saved = self.out / "config.json"
         if not saved.exists():
             return
