@@ -113,9 +113,15 @@ def check_device(device: str | torch.device | None) -> torch.device:
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
-    """Whether the Hugging Face endpoint accepts a TCP connection within ``timeout`` seconds."""
+    """Whether the Hugging Face endpoint accepts a TCP connection within ``timeout`` seconds.
+    Behind a proxy a direct connection proves nothing, so then the answer is yes (and
+    transformers tries through the proxy)."""
     import socket
     from urllib.parse import urlparse
+
+    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY",
+                                       "all_proxy")):
+        return True
 
     url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
     try:

@@ -244,6 +244,20 @@ def test_bad_model_names(tmp_path, tiny_mask, capsys, monkeypatch):
         assert time.perf_counter() - start < 10, f"{name}: no fast failure"
 
 
+def test_hub_probe_defers_to_a_proxy(monkeypatch):
+    import socket
+
+    def no_direct_connection(*args, **kwargs):
+        raise OSError("no route")
+
+    monkeypatch.setattr(socket, "create_connection", no_direct_connection)
+    for key in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(key, raising=False)
+    assert models._hub_reachable() is False
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.internal:3128")
+    assert models._hub_reachable() is True  # a direct probe says nothing behind a proxy
+
+
 def test_unreachable_hub_fails_fast(monkeypatch, capsys, tmp_path):
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setattr(models, "_hub_reachable", lambda timeout=3.0: False)
