@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ._io import atomic_write, atomic_write_json, atomic_write_text
+from ._io import atomic_write, atomic_write_json, atomic_write_text, check_writable_dir
 from .errors import LeanKError
 from .masks import ChannelMask, binarize
 
@@ -313,6 +313,14 @@ def summary(source: Analyzable, others: Sequence[Analyzable] = ()) -> dict[str, 
 # ---- plots -------------------------------------------------------------------------
 
 
+def _have_matplotlib() -> bool:
+    try:
+        import matplotlib.figure  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def _figure(**kw: Any) -> Figure:
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -546,15 +554,23 @@ def _slug(name: str) -> str:
 
 def analyze(
     path: str | Path, *, compare: Sequence[str | Path] = (), out: str | Path = "analysis",
-    sparsity: float = DEFAULT_SPARSITY, alignment: int = DEFAULT_ALIGNMENT,
+    sparsity: float = DEFAULT_SPARSITY, alignment: int = DEFAULT_ALIGNMENT, notes: list[str] | None = None,
 ) -> dict[str, Any]:
-    """Write every figure, ``analysis.json`` and ``analysis.md`` to ``out``; return the summary."""
+    """Write every figure, ``analysis.json`` and ``analysis.md`` to ``out``; return the summary.
+    Without matplotlib the figures are skipped and a note says so in ``notes``."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise LeanKError(f"--out {out} is a file: pass a directory")
+    check_writable_dir(out)
     src = load_source(path, sparsity=sparsity, alignment=alignment)
     others = [load_source(p, sparsity=sparsity, alignment=alignment) for p in compare]
     s = summary(src, others)  # validates shapes before anything is written
+    if not _have_matplotlib():  # figures are optional; the numbers and the summary are not
+        if notes is not None:
+            notes.append("figures skipped: matplotlib is not installed (pip install 'leank[plots]')")
+        atomic_write_json(out / "analysis.json", s)
+        atomic_write_text(out / "analysis.md", render_markdown(s, []))
+        return s
     figures = [plot_heatmap(src, out / "heatmap.png"), plot_frequency(src, out / "frequency.png", others),
                plot_heads(src, out / "heads.png")]
     if src.is_alpha:
@@ -572,9 +588,13 @@ def analyze(
 
 def main(args: argparse.Namespace) -> int:
     """Handler of ``leank analyze``."""
-    s = analyze(args.input, compare=args.compare, out=args.out, sparsity=args.sparsity, alignment=args.align)
+    notes: list[str] = []
+    s = analyze(args.input, compare=args.compare, out=args.out, sparsity=args.sparsity, alignment=args.align,
+                notes=notes)
     m, share = s["mask"], s["frequency"]["low_frequency_share"]
-    print(f"wrote {args.out}/: analysis.json, analysis.md and figures")
+    for note in notes:
+        print(f"note: {note}")
+    print(f"wrote {args.out}/: analysis.json, analysis.md" + ("" if notes else " and figures"))
     print(f"  {s['input']['name']}: {m['sparsity']:.2%} pruned, {m['fully_pruned_heads']}/{m['total_heads']} "
           f"heads fully pruned, low-frequency share {'n/a' if share is None else f'{share:.1%}'}")
     for c in s.get("comparisons", []):

@@ -15,17 +15,17 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import numbers
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 
+from ._defaults import DEFAULT_RECENT, DEFAULT_SINK
 from ._io import atomic_write
 from .errors import LeanKError
-
-DEFAULT_SINK = 32
-DEFAULT_RECENT = 64
 
 
 def kv_shape(config) -> tuple[int, int, int]:
@@ -35,10 +35,17 @@ def kv_shape(config) -> tuple[int, int, int]:
     return config.num_hidden_layers, kv_heads, head_dim
 
 
-def check_sparsity(sparsity: float) -> float:
-    if not (isinstance(sparsity, (int, float)) and 0.0 <= float(sparsity) < 1.0):
+def check_sparsity(sparsity) -> float:
+    """``sparsity`` as a float in [0, 1): Python, NumPy or 0-d torch numbers; bools and NaN refused."""
+    value = None
+    if isinstance(sparsity, torch.Tensor):
+        if sparsity.numel() == 1 and sparsity.dtype != torch.bool and not sparsity.is_complex():
+            value = float(sparsity.item())
+    elif isinstance(sparsity, numbers.Real) and not isinstance(sparsity, (bool, np.bool_)):
+        value = float(sparsity)
+    if value is None or not 0.0 <= value < 1.0:  # NaN fails the comparison
         raise LeanKError(f"sparsity must be in [0, 1), got {sparsity!r}: pass e.g. 0.7 to prune 70% of channels")
-    return float(sparsity)
+    return value
 
 
 def check_alignment(alignment: int, head_dim: int) -> int:
@@ -232,17 +239,23 @@ class ChannelMask:
 def aligned_counts(scores: torch.Tensor, sparsity: float, alignment: int) -> torch.Tensor:
     """Per-head kept counts for a global budget (DESIGN.md §1, stage 2).
 
-    The global threshold is the ``sparsity``-quantile of all scores; each head keeps the
-    entries strictly above it, rounded to the nearest multiple of ``alignment``.
+    The ``round(sparsity · N)`` lowest of all ``N`` scores are pruned (the global
+    ``sparsity``-quantile); each head keeps the rest of its channels, rounded to the
+    nearest multiple of ``alignment``. Ties are broken by a fixed order — among equal
+    scores, the entry with the larger flat index (later layer, head, channel) is pruned
+    first — so the budget is met whatever the scores (a constant α included), and each
+    head's count moves by at most ``alignment / 2`` in the rounding.
     Returns long ``[layers, kv_heads]``.
     """
-    flat = scores.detach().float().flatten()
-    num_pruned = round(sparsity * flat.numel())
-    if num_pruned == 0:
-        counts = torch.full(scores.shape[:-1], scores.shape[-1], dtype=torch.long)
-    else:
-        threshold = flat.kthvalue(num_pruned).values
-        counts = (scores.detach().float() > threshold).sum(-1).cpu()
+    flat = scores.detach().float().flatten().cpu()
+    if torch.isnan(flat).any():
+        raise LeanKError("channel scores contain NaN: cannot rank channels (did training diverge?)")
+    num_pruned = round(check_sparsity(sparsity) * flat.numel())
+    # Ascending stable sort of the reversed scores: ties come out by descending flat index.
+    order = flat.numel() - 1 - flat.flip(0).argsort(stable=True)
+    pruned = torch.zeros(flat.numel(), dtype=torch.long)
+    pruned[order[:num_pruned]] = 1
+    counts = scores.shape[-1] - pruned.view(scores.shape).sum(-1)
     return (torch.floor(counts.double() / alignment + 0.5) * alignment).long().clamp(0, scores.shape[-1])
 
 
@@ -264,8 +277,10 @@ def binarize(
     every head keeps the same number of channels, ``(1 - sparsity) * head_dim`` rounded
     to ``alignment``.
     """
-    if scores.dim() != 3:
+    if not isinstance(scores, torch.Tensor) or scores.dim() != 3:
         raise LeanKError("scores must be a 3-D tensor [layers, kv_heads, head_dim]")
+    if scores.is_floating_point() and torch.isnan(scores).any():
+        raise LeanKError("channel scores contain NaN: cannot rank channels (did training diverge?)")
     sparsity = check_sparsity(sparsity)
     head_dim = scores.shape[-1]
     check_alignment(alignment, head_dim)
@@ -302,7 +317,7 @@ def with_count_distribution(scores: torch.Tensor, fractions: dict[int, float], *
     return ChannelMask(mask_from_counts(scores, counts.view(scores.shape[:2])), **meta)
 
 
-# Kept-count distribution of the authors' Llama-3.1-8B-Instruct mask (../shared/reference),
+# Kept-count distribution of the authors' Llama-3.1-8B-Instruct mask (benchmarks/masks/),
 # as fractions of head_dim: 0, 1/4, 1/2, 3/4 kept for 47, 120, 67, 22 of 256 heads.
 AUTHORS_LLAMA_DISTRIBUTION = {0: 47 / 256, 1: 120 / 256, 2: 67 / 256, 3: 22 / 256}
 

@@ -10,11 +10,11 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
+from ._io import make_dirs, make_shared_tempdir, write_error
 from .errors import LeanKError
 
 SMOLLM2_ALIAS = "smollm2-135m"
@@ -74,8 +74,11 @@ def smollm2_dir() -> Path:
     model, tokenizer = _load_gguf(smollm2_gguf_path())
     # The GGUF metadata names a long internal run; give the saved config a readable one.
     model.config._name_or_path = SMOLLM2_ALIAS
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{SMOLLM2_ALIAS}.", dir=target.parent))
+    make_dirs(target.parent)
+    try:
+        tmp = make_shared_tempdir(f".{SMOLLM2_ALIAS}.", target.parent)  # not mkdtemp's 0700: a shared cache
+    except OSError as e:
+        raise write_error(target.parent, e) from None
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
@@ -88,24 +91,122 @@ def smollm2_dir() -> Path:
     return target
 
 
+def check_device(device: str | torch.device | None) -> torch.device:
+    """``device`` as a ``torch.device`` (default: CUDA if available, else CPU); a ``LeanKError``
+    naming the fix if it is malformed or its backend is not available in this torch build."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise LeanKError(f"unknown device {device!r}: use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch build has no CUDA support" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise LeanKError(f"--device {device} needs a CUDA GPU, but {why}: pass --device cpu "
+                             "(or run on a GPU machine with a CUDA build of torch)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise LeanKError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+    elif dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise LeanKError(f"--device {device} is not available here: pass --device cpu")
+    return dev
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face endpoint accepts a TCP connection within ``timeout`` seconds.
+    Behind a proxy a direct connection proves nothing, so then the answer is yes (and
+    transformers tries through the proxy)."""
+    import socket
+    from urllib.parse import urlparse
+
+    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY",
+                                       "all_proxy")):
+        return True
+
+    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)),
+                                 timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
 def resolve(name_or_path: str) -> tuple[str, str | None]:
-    """Map a user-facing model name to (directory or repo id, gguf file name or None)."""
+    """Map a user-facing model name to (directory or repo id, gguf file name or None).
+
+    A name that exists on disk, or looks like a path, must be a model directory (with a
+    ``config.json``) or a ``.gguf`` file; anything else is a Hugging Face repo id.
+    """
     if name_or_path == SMOLLM2_ALIAS:
         return str(smollm2_dir()), None
-    path = Path(name_or_path)
+    if not isinstance(name_or_path, str) or not name_or_path.strip():
+        raise LeanKError(f"no model given ({name_or_path!r}): pass smollm2-135m, a Hugging Face id or a directory")
+    path = Path(name_or_path).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
             raise LeanKError(f"GGUF file not found: {path}")
         return str(path.parent), path.name
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise LeanKError(f"{path} is a directory without config.json: pass a directory written by "
+                             "save_pretrained (config.json, weights, tokenizer), a .gguf file or a hub id")
+        return str(path), None
+    if path.exists():
+        raise LeanKError(f"{path} is a file, not a model: pass a model directory, a .gguf file or a hub id")
+    parts = name_or_path.split("/")
+    if name_or_path.startswith((".", "/", "~")) or len(parts) > 2 or "\\" in name_or_path or "" in parts:
+        raise LeanKError(f"model directory {name_or_path} does not exist: check the path "
+                         f"(or pass a hub id like HuggingFaceTB/SmolLM2-135M, or {SMOLLM2_ALIAS})")
     return name_or_path, None
+
+
+def _check_hub_model(repo_id: str) -> None:
+    """Fail fast, with the fix, when a hub id is neither cached nor downloadable (no network)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:  # pragma: no cover - transformers depends on huggingface_hub
+        return
+    try:
+        cached = try_to_load_from_cache(repo_id, "config.json")
+    except Exception:  # noqa: BLE001 - a malformed id: let the reachability check and transformers say why
+        cached = None
+    if isinstance(cached, str):
+        return
+    if _hub_offline():
+        raise LeanKError(f"model {repo_id!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set: "
+                         f"download it where the hub is reachable, pass a local directory, or use {SMOLLM2_ALIAS}")
+    if not _hub_reachable():
+        raise LeanKError(f"model {repo_id!r} is not a local directory, not in the Hugging Face cache, and the hub "
+                         f"cannot be reached: check the name, pass a local directory, or use {SMOLLM2_ALIAS}")
+
+
+def _resolve_loadable(name_or_path: str) -> tuple[str, str | None]:
+    """:func:`resolve`, then for a hub id a fast check that it can be loaded here."""
+    where, gguf_file = resolve(name_or_path)
+    if gguf_file is None and not Path(where).is_dir():
+        _check_hub_model(where)
+    return where, gguf_file
+
+
+def _load_error(name_or_path: str, err: Exception) -> LeanKError:
+    first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    return LeanKError(f"cannot load model {name_or_path!r}: {first}")
 
 
 def load_tokenizer(name_or_path: str):
     from transformers import AutoTokenizer
 
-    where, gguf_file = resolve(name_or_path)
+    where, gguf_file = _resolve_loadable(name_or_path)
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
-    tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
+    except (OSError, ValueError, KeyError) as e:
+        raise _load_error(name_or_path, e) from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -121,26 +222,26 @@ def load_model(
     """Load ``(model, tokenizer)``; the model is in eval mode with LeanK attention enabled.
 
     ``name_or_path``: ``smollm2-135m``, a Hugging Face repo id, a local directory or a
-    ``.gguf`` file. ``dtype`` defaults to float32 on CPU and bfloat16 on CUDA.
+    ``.gguf`` file. ``dtype`` defaults to float32 on CPU and bfloat16 on CUDA. Bad input
+    (a device this torch cannot use, a missing path, an unreachable hub id) raises
+    ``LeanKError`` before anything is loaded.
     """
     from transformers import AutoModelForCausalLM
 
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = check_device(device)
     if dtype is None:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     elif isinstance(dtype, str):
         dtype = parse_dtype(dtype)
-    where, gguf_file = resolve(name_or_path)
+    where, gguf_file = _resolve_loadable(name_or_path)
     if gguf_file:
         model, tokenizer = _load_gguf(Path(where) / gguf_file)
         model = model.to(dtype)
     else:
         try:
             model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype)
-        except OSError as e:
-            raise LeanKError(
-                f"cannot load model {name_or_path!r} (no hub access here?): {e}".splitlines()[0]
-            ) from None
+        except (OSError, ValueError, KeyError) as e:
+            raise _load_error(name_or_path, e) from None
         tokenizer = load_tokenizer(name_or_path)
     check_supported(model.config)
     model = model.to(device).eval()
@@ -149,6 +250,17 @@ def load_model(
 
         enable(model) if attn_implementation == "leank" else model.set_attn_implementation(attn_implementation)
     return model, tokenizer
+
+
+def check_length(model, length: int, what: str = "--length") -> int:
+    """``length`` tokens must be positive and fit the model's context (``max_position_embeddings``;
+    ``model=None``: only the first check)."""
+    if isinstance(length, bool) or not isinstance(length, int) or length < 1:
+        raise LeanKError(f"{what} must be a positive number of tokens, got {length!r}")
+    limit = getattr(model.config, "max_position_embeddings", None) if model is not None else None
+    if limit is not None and length > limit:
+        raise LeanKError(f"{what} {length} exceeds the {limit}-token context of the model: use at most {limit}")
+    return length
 
 
 def parse_dtype(name: str) -> torch.dtype:

@@ -10,7 +10,8 @@ import torch
 import leank
 from leank.masks import ChannelMask, binarize
 
-REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
+# The authors' released masks, copied into the repository (benchmarks/masks/README.md: source, licence).
+REFERENCE = Path(__file__).resolve().parents[1] / "benchmarks" / "masks"
 
 
 def reference_binarize(scores, sparsity, alignment):
@@ -69,7 +70,6 @@ def test_save_load_roundtrip(tmp_path):
     assert not list(tmp_path.glob(".*tmp"))  # no temporary file left behind
 
 
-@pytest.mark.skipif(not REFERENCE.is_dir(), reason="../shared/reference not present")
 @pytest.mark.parametrize(
     "name,shape,pruned,fully,hist",
     [
@@ -106,3 +106,100 @@ def test_authors_like_distribution_matches_reference_histogram():
     mask = authors_like_mask(torch.rand(32, 8, 128))
     assert mask.count_histogram() == {0: 47, 32: 120, 64: 67, 96: 22}
     assert mask.sparsity == pytest.approx(0.6875)
+
+
+# ---- ties and odd inputs (issue 11) ------------------------------------------------------
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from leank.masks import aligned_counts  # noqa: E402
+
+
+@st.composite
+def tied_scores(draw):
+    """Scores ``[L, H, D]`` drawn from a handful of values (many ties), with an alignment
+    dividing D and a sparsity in [0, 1)."""
+    layers, heads = draw(st.integers(1, 4)), draw(st.integers(1, 4))
+    head_dim = draw(st.sampled_from([4, 8, 16, 32, 64]))
+    values = draw(st.lists(st.floats(-2, 2, allow_nan=False, width=32), min_size=1, max_size=4))
+    picks = draw(st.lists(st.integers(0, len(values) - 1), min_size=layers * heads * head_dim,
+                          max_size=layers * heads * head_dim))
+    scores = torch.tensor([values[i] for i in picks], dtype=torch.float32).view(layers, heads, head_dim)
+    alignment = draw(st.sampled_from([a for a in (1, 2, 4, 8, 16) if head_dim % a == 0]))
+    sparsity = draw(st.floats(0.0, 0.999))
+    return scores, alignment, sparsity
+
+
+def budget_bound(scores, alignment) -> float:
+    """|achieved − target| allowed: rounding the total to whole channels (half a channel), and each
+    head's count to the alignment (at most alignment / 2 channels per head)."""
+    layers, heads, head_dim = scores.shape
+    return (0.5 + layers * heads * alignment / 2) / scores.numel() + 1e-9
+
+
+@settings(max_examples=150, deadline=None)
+@given(tied_scores())
+def test_binarize_meets_the_budget_with_ties(case):
+    scores, alignment, sparsity = case
+    mask = binarize(scores, sparsity=sparsity, alignment=alignment)
+    counts = mask.kept.sum(-1)
+    assert ((counts % alignment) == 0).all()
+    assert abs(mask.sparsity - sparsity) <= budget_bound(scores, alignment)
+    # Within a head, no pruned channel scores above a kept one.
+    for row, kept in zip(scores.view(-1, scores.shape[-1]), mask.kept.view(-1, scores.shape[-1]), strict=True):
+        if kept.any() and (~kept).any():
+            assert row[kept].min() >= row[~kept].max()
+    # Deterministic: the same scores give the same mask.
+    assert torch.equal(binarize(scores.clone(), sparsity=sparsity, alignment=alignment).kept, mask.kept)
+
+
+@settings(max_examples=150, deadline=None)
+@given(tied_scores())
+def test_aligned_counts_with_ties(case):
+    scores, alignment, sparsity = case
+    counts = aligned_counts(scores, sparsity, alignment)
+    head_dim = scores.shape[-1]
+    assert counts.shape == scores.shape[:2] and counts.dtype == torch.long
+    assert ((counts % alignment) == 0).all() and (counts >= 0).all() and (counts <= head_dim).all()
+    target_kept = scores.numel() - round(sparsity * scores.numel())  # plain arithmetic, not the code under test
+    assert abs(int(counts.sum()) - target_kept) <= scores.shape[0] * scores.shape[1] * alignment / 2
+    if alignment == 1:
+        assert int(counts.sum()) == target_kept
+
+
+@settings(max_examples=60, deadline=None)
+@given(tied_scores())
+def test_binarize_alignment_one_keeps_the_highest_scores_globally(case):
+    scores, _, sparsity = case
+    mask = binarize(scores, sparsity=sparsity, alignment=1)
+    assert int(mask.kept.sum()) == scores.numel() - round(sparsity * scores.numel())
+    if mask.kept.any() and (~mask.kept).any():
+        assert scores[mask.kept].min() >= scores[~mask.kept].max()
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 0.3, 0.5, 0.7, 0.71, 0.9])
+def test_constant_scores_hit_the_target(sparsity):
+    # The issue's example: every score equal (α before training, or all-zero calibration).
+    mask = binarize(torch.ones(30, 3, 64), sparsity=sparsity, alignment=16)
+    assert abs(mask.sparsity - sparsity) <= 0.5 / 5760 + 90 * 8 / 5760
+    assert mask.sparsity < 1.0 and (mask.kept_counts % 16 == 0).all()
+
+
+def test_sparsity_as_numpy_or_torch_scalar():
+    import numpy as np
+
+    scores = torch.rand(3, 2, 16, generator=torch.Generator().manual_seed(0))
+    expected = binarize(scores, sparsity=0.7, alignment=4).kept
+    for value in (np.float32(0.7), np.float64(0.7), torch.tensor(0.7, dtype=torch.float64)):
+        assert torch.equal(binarize(scores, sparsity=value, alignment=4).kept, expected)
+    for bad in (True, np.bool_(False), torch.tensor(True), "0.7", None, torch.tensor([0.1, 0.2]), float("inf")):
+        with pytest.raises(leank.LeanKError, match=r"sparsity must be in \[0, 1\)"):
+            binarize(scores, sparsity=bad)
+
+
+def test_nan_scores_refused():
+    scores = torch.rand(2, 2, 8)
+    scores[1, 0, 3] = float("nan")
+    with pytest.raises(leank.LeanKError, match="NaN"):
+        binarize(scores, sparsity=0.5)

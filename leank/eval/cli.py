@@ -13,15 +13,15 @@ from __future__ import annotations
 
 import argparse
 
-from ..data.tasks import TASKS
-from ..models import load_model
-from .agreement import AgreementConfig, check_context, run_agreement
-from .methods import parse_methods, prepare_methods
-from .report import write_report
-from .runner import EvalConfig, run_eval
-
 
 def eval_command(args: argparse.Namespace) -> int:
+    from .._io import check_writable_dir
+    from ..data.tasks import TASKS
+    from ..models import load_model
+    from .agreement import AgreementConfig, check_context, run_agreement
+    from .methods import parse_methods, prepare_methods
+    from .runner import EvalConfig, check_results_dir, default_dtype, run_eval, run_identity
+
     tasks = args.tasks if args.tasks is not None else ([] if args.ruler_jsonl else list(TASKS))
     cfg = EvalConfig(
         model=args.model, methods=args.methods, tasks=tasks, lengths=args.lengths, samples=args.samples,
@@ -35,6 +35,9 @@ def eval_command(args: argparse.Namespace) -> int:
         length = args.agreement_length or min(cfg.lengths) - args.agreement_steps
         agreement = AgreementConfig(length=length, steps=args.agreement_steps, windows=args.agreement_windows,
                                     batch_size=cfg.batch_size)
+    # Before the model loads: the device, the results directory's owner, that it can be written.
+    check_results_dir(cfg.out, run_identity(cfg, dtype=default_dtype(cfg)))
+    check_writable_dir(cfg.out)
     model, tokenizer = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
     if agreement:  # fail on bad agreement settings now, not after the task runs
         check_context(model, agreement, model_name=cfg.model)
@@ -42,17 +45,23 @@ def eval_command(args: argparse.Namespace) -> int:
     run_eval(cfg, model=model, tokenizer=tokenizer)
     if agreement:
         run_agreement(model, tokenizer, methods, agreement, model_name=cfg.model, out=cfg.out)
-    path = write_report(cfg.out)
+    return _report(cfg.out)
+
+
+def _report(results_dir) -> int:
+    from .report import write_report
+
+    notes: list[str] = []
+    path = write_report(results_dir, notes=notes)
     print(path.read_text(encoding="utf-8"))
+    for note in notes:
+        print(f"note: {note}")
     print(f"wrote {path}")
     return 0
 
 
 def report_command(args: argparse.Namespace) -> int:
-    path = write_report(args.results_dir)
-    print(path.read_text(encoding="utf-8"))
-    print(f"wrote {path}")
-    return 0
+    return _report(args.results_dir)
 
 
 def register(subparsers) -> None:

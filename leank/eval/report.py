@@ -5,7 +5,7 @@
 Reads every ``<method>/<task>/<length>/metrics.json`` the runner wrote, so a partially
 finished directory reports what is done (missing cells show ``–``; each average says how
 many tasks it covers), and ``agreement.json`` when it exists. Plots use matplotlib's Agg
-renderer (no display needed).
+renderer (no display needed); without matplotlib the report is written without them.
 """
 
 from __future__ import annotations
@@ -28,10 +28,21 @@ def collect_results(results_dir: str | Path) -> list[dict]:
     results = []
     for path in sorted(Path(results_dir).glob("*/*/*/metrics.json")):
         try:
-            results.append(json.loads(path.read_text(encoding="utf-8")))
+            result = json.loads(path.read_text(encoding="utf-8"))
         except ValueError as err:
             raise LeanKError(f"{path} is not valid JSON ({err}): delete it to re-run that configuration") from None
+        missing = [k for k in RESULT_KEYS if k not in result] if isinstance(result, dict) else list(RESULT_KEYS)
+        if missing:
+            raise LeanKError(f"{path} is not a result of `leank eval` (no {', '.join(missing)}): delete it to "
+                             "re-run that configuration")
+        results.append(result)
     return results
+
+
+# The fields of a metrics.json the report reads.
+RESULT_KEYS = ("method", "family", "task", "length", "score", "n", "sparsity", "kv_bytes_per_sample",
+               "dense_kv_bytes_per_sample", "kv_bytes_kind", "seconds", "model", "device", "gpu", "dtype",
+               "versions")
 
 
 def _method_key(result: dict) -> tuple:
@@ -106,11 +117,23 @@ def agreement_table(agreement: dict) -> str:
     return "\n".join(lines)
 
 
+def have_matplotlib() -> bool:
+    """Whether the plots can be drawn (matplotlib is optional: the results and report are not)."""
+    try:
+        import matplotlib.figure  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+NO_MATPLOTLIB = "plots skipped: matplotlib is not installed (pip install 'leank[plots]'); the tables are complete"
+
+
 def _figure(ncols: int = 1):
     try:
         from matplotlib.figure import Figure
     except ImportError:
-        raise LeanKError("plots need matplotlib: pip install matplotlib") from None
+        raise LeanKError("plots need matplotlib: pip install 'leank[plots]'") from None
     fig = Figure(figsize=(6.5 * ncols, 4.5), layout="constrained")
     return fig, fig.subplots(1, ncols, squeeze=False)[0]
 
@@ -170,15 +193,26 @@ def plot_agreement(agreement: dict, path: Path) -> None:
     _save(fig, path)
 
 
-def write_report(results_dir: str | Path) -> Path:
-    """Write ``report.md`` and the plots into ``results_dir``; return the report's path."""
+def write_report(results_dir: str | Path, *, notes: list[str] | None = None) -> Path:
+    """Write ``report.md`` and, when matplotlib is installed, the plots into ``results_dir``;
+    return the report's path. Without matplotlib the report is written without figures and
+    a note saying so is appended to ``notes``."""
     results_dir = Path(results_dir)
+    if not results_dir.is_dir():
+        raise LeanKError(f"results directory {results_dir} does not exist: pass the --out of a `leank eval` run")
     results = collect_results(results_dir)
     agreement_path = results_dir / "agreement.json"
-    agreement = json.loads(agreement_path.read_text(encoding="utf-8")) if agreement_path.is_file() else None
+    try:
+        agreement = json.loads(agreement_path.read_text(encoding="utf-8")) if agreement_path.is_file() else None
+    except ValueError as err:
+        raise LeanKError(f"{agreement_path} is not valid JSON ({err}): delete it to measure the agreement "
+                         "again") from None
     if not results and agreement is None:
         raise LeanKError(f"{results_dir} holds no finished runs (<method>/<task>/<length>/metrics.json): "
                          "run `leank eval` first")
+    plots = have_matplotlib()
+    if not plots and notes is not None:
+        notes.append(NO_MATPLOTLIB)
     models = sorted({r["model"] for r in results} | ({agreement["settings"]["model"]} if agreement else set()))
     sections = [f"# Evaluation report: {', '.join(models)}", ""]
     if results:
@@ -187,11 +221,13 @@ def write_report(results_dir: str | Path) -> Path:
         sections += [f"Scores are RULER's metrics in percent (n = samples). Run on: {'; '.join(envs)}.", ""]
         commands = sorted({r["command"] for r in results if r.get("command")})
         sections += [f"Command: `{c}`" for c in commands] + ([""] if commands else [])
-        plot_accuracy(results, results_dir / ACCURACY_PLOT)
-        sections += ["## Task scores", "", accuracy_tables(results), "", f"![accuracy vs sparsity]({ACCURACY_PLOT})",
-                     ""]
+        sections += ["## Task scores", "", accuracy_tables(results), ""]
+        if plots:
+            plot_accuracy(results, results_dir / ACCURACY_PLOT)
+            sections += [f"![accuracy vs sparsity]({ACCURACY_PLOT})", ""]
     if agreement:
-        plot_agreement(agreement, results_dir / AGREEMENT_PLOT)
-        sections += ["## Decode agreement with the full cache", "", agreement_table(agreement), "",
-                     f"![agreement vs sparsity]({AGREEMENT_PLOT})", ""]
+        sections += ["## Decode agreement with the full cache", "", agreement_table(agreement), ""]
+        if plots:
+            plot_agreement(agreement, results_dir / AGREEMENT_PLOT)
+            sections += [f"![agreement vs sparsity]({AGREEMENT_PLOT})", ""]
     return atomic_write_text(results_dir / "report.md", "\n".join(sections))

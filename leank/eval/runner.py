@@ -32,7 +32,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import __version__
-from .._io import atomic_write_json, atomic_write_text
+from .._io import atomic_write_json, atomic_write_text, check_writable_dir
 from ..attention import enable
 from ..cache import cache_kwargs
 from ..data.ruler_jsonl import load_ruler_jsonl, task_from_path
@@ -81,6 +81,13 @@ class EvalConfig:
             raise LeanKError("nothing to evaluate: give tasks or RULER JSONL files")
         if self.tasks and (not self.lengths or any(not isinstance(n, int) or n <= 0 for n in self.lengths)):
             raise LeanKError(f"lengths must be positive token counts, got {list(self.lengths)}")
+        if self.tasks:
+            task = max(self.tasks, key=lambda t: TASKS[t].tokens_to_generate)
+            budget, shortest = TASKS[task].tokens_to_generate, min(self.lengths)
+            if shortest <= budget:
+                raise LeanKError(
+                    f"length {shortest} leaves no room for a prompt: a length counts prompt + answer, and {task} "
+                    f"answers in up to {budget} tokens; use lengths well above {budget} (e.g. 1024)")
         for name in ("samples", "batch_size"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise LeanKError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
@@ -231,9 +238,49 @@ class PendingRun:
     settings: dict = field(hash=False)
 
 
+def run_identity(cfg: EvalConfig, *, dtype: str) -> dict:
+    """What every run in one results directory shares: the model and the generation settings."""
+    return {"model": cfg.model, "dtype": dtype, "samples": cfg.samples, "seed": cfg.seed}
+
+
+def default_dtype(cfg: EvalConfig) -> str:
+    """The dtype ``load_model`` will use for ``cfg`` (known before the model is loaded)."""
+    from ..models import check_device
+
+    if cfg.dtype is not None:
+        return str(parse_dtype(cfg.dtype)).removeprefix("torch.")
+    return "bfloat16" if check_device(cfg.device).type == "cuda" else "float32"
+
+
+def check_results_dir(out: Path, identity: dict) -> None:
+    """Refuse a results directory holding runs of another model or other generation settings:
+    a directory belongs to one model and one set of settings (its runs are compared in one report)."""
+    for path in sorted(Path(out).glob("*/*/*/metrics.json")):
+        try:
+            settings = json.loads(path.read_text(encoding="utf-8"))["settings"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # unreadable: that run is redone (or the report names the file)
+        diff = [k for k in identity if k in settings and settings[k] != identity[k]]
+        if diff:
+            theirs = ", ".join(f"{k} {settings[k]!r}" for k in diff)
+            ours = ", ".join(f"{k} {identity[k]!r}" for k in diff)
+            raise LeanKError(f"{out} holds results with {theirs} ({path.parent.relative_to(out)}), not {ours}: "
+                             "a results directory is for one model and one set of settings; pass another --out "
+                             "(or the same settings to resume)")
+    agreement = Path(out) / "agreement.json"
+    if agreement.is_file():
+        try:
+            model = json.loads(agreement.read_text(encoding="utf-8"))["settings"]["model"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return
+        if model != identity["model"]:
+            raise LeanKError(f"{out} holds the decode agreement of model {model!r}, not {identity['model']!r}: "
+                             "pass another --out")
+
+
 def plan_runs(cfg: EvalConfig, *, dtype: str) -> tuple[list[PendingRun], int]:
     """The runs still to do, in (length, task, method) order, and how many are finished."""
-    common = {"model": cfg.model, "dtype": dtype, "samples": cfg.samples, "seed": cfg.seed}
+    common = run_identity(cfg, dtype=dtype)
     pending, finished = [], 0
     for unit in task_units(cfg):
         source = unit.source()
@@ -278,6 +325,8 @@ def run_eval(cfg: EvalConfig, *, model=None, tokenizer=None, progress: bool = Tr
         raise LeanKError(f"length {max(cfg.lengths)} exceeds the {limit}-token context of {cfg.model}: "
                          f"use lengths up to {limit}")
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    check_results_dir(cfg.out, run_identity(cfg, dtype=dtype))
+    check_writable_dir(cfg.out)
     pending, finished = plan_runs(cfg, dtype=dtype)
     if finished:
         tqdm.write(f"skipping {finished} finished run(s) in {cfg.out}")

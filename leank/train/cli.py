@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 
-from ..masks import DEFAULT_RECENT, DEFAULT_SINK
+from .._defaults import DEFAULT_RECENT, DEFAULT_SINK
 
 
 def register(subparsers) -> None:

@@ -57,9 +57,11 @@ class TrainConfig:
         if not isinstance(self.alignment, int) or self.alignment < 1:
             raise LeanKError(f"alignment must be a positive integer, got {self.alignment!r}")
         check_window(self.sink, self.recent)
-        for name in ("stage1_steps", "stage2_steps"):
-            if getattr(self, name) < 0:
-                raise LeanKError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.stage1_steps < 1:
+            raise LeanKError(f"stage1_steps must be at least 1, got {self.stage1_steps}: stage 1 learns the channel "
+                             "importance α, so with no step every channel ties and the mask would be arbitrary")
+        if self.stage2_steps < 0:
+            raise LeanKError(f"stage2_steps must be >= 0, got {self.stage2_steps} (0: binarise α without fine-tuning)")
         for name in ("lr1", "lr2", "batch", "checkpoint_every", "validation_samples"):
             if getattr(self, name) <= 0:
                 raise LeanKError(f"{name} must be positive, got {getattr(self, name)}")

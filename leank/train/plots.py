@@ -19,7 +19,8 @@ def plot_run(out: str | Path) -> list[Path]:
         return []
     out = Path(out)
     written = []
-    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines() if line]
+    log = out / "log.jsonl"
+    records = [json.loads(line) for line in log.read_text().splitlines() if line] if log.is_file() else []
     stages = sorted({r["stage"] for r in records}, key=lambda s: (s != "stage1", s))
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     for stage in stages:

@@ -16,15 +16,17 @@ is all-reduced (:mod:`leank.train.distributed`); only rank 0 writes these files.
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from .._io import atomic_write, atomic_write_json
+from .._io import atomic_write, atomic_write_json, check_writable_dir, write_error
 from ..errors import LeanKError
 from ..masks import binarize, kv_shape
+from ..models import check_device
 from .config import TrainConfig
 from .distill import binary_scale, distill_loss
 from .distributed import Dist, setup, shard_model, sync_grad
@@ -72,13 +74,9 @@ class Trainer:
         self.cfg, self.progress = cfg, progress and dist.is_main
         self.out = Path(cfg.out)
         self.ckpt_dir = self.out / "checkpoints"
+        check_device(cfg.device)  # before dist.device(), which would pick a GPU that does not exist
         dist.on_main(lambda: self._check_out_dir(resume))
         self.device = dist.device(cfg.device)
-        if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise LeanKError(
-                "training needs a CUDA GPU and none is visible: run on a GPU machine, "
-                "or pass --device cpu to train (slowly) on the CPU"
-            )
         if cfg.batch < dist.world:
             raise LeanKError(
                 f"--batch {cfg.batch} is smaller than the {dist.world} processes: each step's samples are split "
@@ -112,6 +110,13 @@ class Trainer:
             atomic_write_json(self.out / "config.json", cfg.to_dict())
 
     def _check_out_dir(self, resume: bool) -> None:
+        """Rank 0, before anything is written: the corpus is readable, ``out`` is writable, and
+        a run already there is resumed only with ``resume`` and the same settings."""
+        if self.cfg.corpus:  # a bad corpus must not leave a run directory behind
+            from ..data.text import load_corpus
+
+            load_corpus(self.cfg.corpus)
+        check_writable_dir(self.out)
         saved = self.out / "config.json"
         if not saved.exists():
             return
@@ -125,24 +130,35 @@ class Trainer:
                 f"cannot resume {self.out}: it was started with different {', '.join(diff)} "
                 "(use the same settings or another --out)"
             )
+        # A killed run can leave atomic_write's temporaries (.NAME.XXXX.tmp) behind: not results, remove them.
+        for directory in (self.out, self.ckpt_dir):
+            for tmp in directory.glob(".*.tmp"):
+                tmp.unlink(missing_ok=True)
 
     # ---- logging ------------------------------------------------------------------
     def _log(self, record: dict) -> None:
         if not self.dist.is_main:
             return
-        with open(self.out / "log.jsonl", "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+        path = self.out / "log.jsonl"
+        try:
+            with open(path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as e:
+            raise write_error(path, e) from None
 
     def _truncate_log(self, stage: str, after_step: int) -> None:
         """Drop log lines a killed run wrote after its last checkpoint (they are redone)."""
         path = self.out / "log.jsonl"
         if not self.dist.is_main or not path.exists():
             return
-        lines = [
-            ln
-            for ln in path.read_text().splitlines()
-            if not (json.loads(ln)["stage"] == stage and json.loads(ln)["step"] > after_step)
-        ]
+        lines = []
+        for ln in path.read_text().splitlines():
+            try:
+                record = json.loads(ln)
+            except ValueError:  # a line torn by a kill mid-write: only the last can be, after the checkpoint
+                continue
+            if not (record["stage"] == stage and record["step"] > after_step):
+                lines.append(ln)
         atomic_write(path, lambda tmp: Path(tmp).write_text("".join(ln + "\n" for ln in lines)))
 
     # ---- one stage ----------------------------------------------------------------
@@ -279,6 +295,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> d
     """
     from safetensors.torch import save_file
 
+    check_device(cfg.device)
     dist = setup(cfg.device)
     trainer = Trainer(cfg, resume=resume, progress=progress, dist=dist)
     summary: dict = {"config": cfg.to_dict(), "processes": dist.world, "stages": {}}
@@ -349,7 +366,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> d
         atomic_write_json(trainer.out / "summary.json", summary)
         from .plots import plot_run
 
-        plot_run(trainer.out)
+        if not plot_run(trainer.out):
+            print("note: plots skipped: matplotlib is not installed (pip install 'leank[plots]')", file=sys.stderr)
     return summary
 
 
