@@ -28,7 +28,10 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from .errors import LeanKError
+
 ATTN_NAME = "leank"
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
 
 
 @dataclass(frozen=True)
@@ -84,8 +87,28 @@ AttentionMaskInterface.register(ATTN_NAME, sdpa_mask)
 
 def enable(model) -> None:
     """Switch a transformers model to the ``"leank"`` attention (idempotent)."""
-    from .models import check_supported
-
     check_supported(model.config)
     if getattr(model.config, "_attn_implementation", None) != ATTN_NAME:
         model.set_attn_implementation(ATTN_NAME)
+
+
+def check_supported(config) -> None:
+    """Refuse architectures whose attention LeanK does not handle, with the reason."""
+    model_type = getattr(config, "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise LeanKError(
+            f"model type {model_type!r} is not supported by LeanK: use one of "
+            f"{', '.join(SUPPORTED_MODEL_TYPES)} (Llama-, Qwen2-, Qwen3- or Mistral-architecture models)"
+        )
+    layer_types = getattr(config, "layer_types", None) or []
+    sliding = getattr(config, "sliding_window", None)
+    uses_sliding = any(t != "full_attention" for t in layer_types)
+    if model_type == "mistral" and sliding is not None:
+        uses_sliding = True
+    if model_type in ("qwen2", "qwen3") and getattr(config, "use_sliding_window", False):
+        uses_sliding = True
+    if uses_sliding:
+        raise LeanKError(
+            f"this {model_type} config uses sliding-window attention (sliding_window={sliding}), which "
+            "LeanK does not support: set config.sliding_window = None (full attention) or use another model"
+        )

@@ -33,12 +33,11 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
-from .attention import Handle
+from .attention import Handle, check_supported
 from .contract import DecodeView
 from .errors import LeanKError
 from .kernels import decode_attention, decode_attention_torch, resolve_backend
 from .masks import ChannelMask, check_window
-from .models import check_supported
 
 
 def _nbytes(*tensors: torch.Tensor | None) -> int:

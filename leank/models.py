@@ -15,11 +15,11 @@ from pathlib import Path
 import torch
 
 from ._io import make_dirs, make_shared_tempdir, write_error
+from .attention import check_supported, enable
 from .errors import LeanKError
 
 SMOLLM2_ALIAS = "smollm2-135m"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
 
 
 def cache_dir() -> Path:
@@ -246,8 +246,6 @@ def load_model(
     check_supported(model.config)
     model = model.to(device).eval()
     if attn_implementation is not None:
-        from .attention import enable
-
         enable(model) if attn_implementation == "leank" else model.set_attn_implementation(attn_implementation)
     return model, tokenizer
 
@@ -269,25 +267,3 @@ def parse_dtype(name: str) -> torch.dtype:
     if name not in table:
         raise LeanKError(f"unknown dtype {name!r}: use one of {', '.join(table)}")
     return table[name]
-
-
-def check_supported(config) -> None:
-    """Refuse architectures whose attention LeanK does not handle, with the reason."""
-    model_type = getattr(config, "model_type", None)
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise LeanKError(
-            f"model type {model_type!r} is not supported by LeanK: use one of "
-            f"{', '.join(SUPPORTED_MODEL_TYPES)} (Llama-, Qwen2-, Qwen3- or Mistral-architecture models)"
-        )
-    layer_types = getattr(config, "layer_types", None) or []
-    sliding = getattr(config, "sliding_window", None)
-    uses_sliding = any(t != "full_attention" for t in layer_types)
-    if model_type == "mistral" and sliding is not None:
-        uses_sliding = True
-    if model_type in ("qwen2", "qwen3") and getattr(config, "use_sliding_window", False):
-        uses_sliding = True
-    if uses_sliding:
-        raise LeanKError(
-            f"this {model_type} config uses sliding-window attention (sliding_window={sliding}), which "
-            "LeanK does not support: set config.sliding_window = None (full attention) or use another model"
-        )

@@ -21,11 +21,10 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
-from ..attention import ATTN_NAME, Handle
+from ..attention import ATTN_NAME, Handle, check_supported
 from ..contract import in_full
 from ..errors import LeanKError
 from ..masks import DEFAULT_RECENT, DEFAULT_SINK, check_sparsity, check_window, kv_shape
-from ..models import check_supported
 
 DEFAULT_WINDOW = 32
 

@@ -5,11 +5,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
+
 from .._io import atomic_write
 
 
-def plot_run(out: str | Path) -> list[Path]:
-    """Write ``loss.png`` and ``alpha.png`` into ``out``; returns the paths (none without matplotlib)."""
+def plot_run(out: str | Path, alpha: torch.Tensor | None = None) -> list[Path]:
+    """Write ``loss.png`` (from ``out/log.jsonl``) and, given the run's α ``[L, H, D]``,
+    ``alpha.png`` into ``out``; returns the paths (none without matplotlib)."""
     try:
         import matplotlib
 
@@ -44,11 +47,8 @@ def plot_run(out: str | Path) -> list[Path]:
     plt.close(fig)
     written.append(path)
 
-    alpha_path = out / "alpha.safetensors"
-    if alpha_path.exists():
-        from .trainer import load_alpha
-
-        alpha = load_alpha(alpha_path)
+    if alpha is not None:
+        alpha = alpha.detach().float().cpu()
         L, H, D = alpha.shape
         fig, ax = plt.subplots(figsize=(8, max(4, L * H / 12)))
         im = ax.imshow(

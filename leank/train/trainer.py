@@ -366,7 +366,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> d
         atomic_write_json(trainer.out / "summary.json", summary)
         from .plots import plot_run
 
-        if not plot_run(trainer.out):
+        alpha_path = trainer.out / "alpha.safetensors"
+        if not plot_run(trainer.out, load_alpha(alpha_path) if alpha_path.exists() else None):
             print("note: plots skipped: matplotlib is not installed (pip install 'leank[plots]')", file=sys.stderr)
     return summary
 
