@@ -131,3 +131,17 @@ def test_cli_reports_errors_without_traceback(tmp_path, capsys):
     assert cli_main(["info", str(tmp_path / "nope.safetensors")]) == 2
     err = capsys.readouterr().err
     assert "error: mask file not found" in err and "Traceback" not in err
+
+
+def test_static_cache_refuses_to_go_past_max_length():
+    model = tiny_model("llama", qk_gain=3.0)
+    leank.enable(model)
+    mask = leank.ChannelMask.full(2, 2, 16)
+    ids = torch.randint(3, 97, (1, 20), generator=torch.Generator().manual_seed(0))
+    kw = dict(do_sample=False, pad_token_id=0, max_new_tokens=20, min_new_tokens=20)
+    cache = leank.LeanKCache(model, mask, sink=2, recent=4, max_length=30)
+    with pytest.raises(LeanKError, match="built for max_length=30 tokens per row and the sequence reaches 31"):
+        model.generate(input_ids=ids, **kw, **leank.cache_kwargs(cache))
+    cache = leank.LeanKCache(model, mask, sink=2, recent=4, max_length=10)
+    with pytest.raises(LeanKError, match="the prompt has 20 tokens, more than this cache's max_length 10"):
+        model.generate(input_ids=ids, **kw, **leank.cache_kwargs(cache))
