@@ -435,7 +435,9 @@ class LeanKCache(Cache):
     ``"leank"`` (see :func:`leank.enable`). ``sink``/``recent`` default to the mask's.
     ``max_length``: tokens per row (prompt, padding included, plus new tokens) to allocate
     every buffer for at the prompt; a cache with it is static (``is_compileable``: on CUDA
-    ``generate()`` captures each decode step in a CUDA graph) and refuses to go past it.
+    ``generate()`` captures each decode step in a CUDA graph). Eager steps refuse to go past
+    it; a compiled step cannot check on the host (its writes past the capacity land in scratch
+    slots, memory-safe, and attention would miss those tokens): size it for the whole generation.
     Without it the stores grow as needed (eager decoding only).
     ``backend``: decode attention (``"auto"``, ``"torch"``, ``"triton"``; see
     :mod:`leank.kernels`), resolved once here.
