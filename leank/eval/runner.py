@@ -179,9 +179,11 @@ def generate_batch(
     if model.device.type == "cuda":
         torch.cuda.synchronize(model.device)
     start = time.perf_counter()
+    # Eager for every method: a static LeanK cache would make generate() compile the decode
+    # step on CUDA, once per batch (a new cache and width each time), for no accuracy change.
     out = model.generate(
         **batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
-        **cache_kwargs(cache),
+        disable_compile=True, **cache_kwargs(cache),
     )
     if model.device.type == "cuda":
         torch.cuda.synchronize(model.device)
