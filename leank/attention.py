@@ -11,8 +11,8 @@ V. The attention function then
 * for a handle with ``prompt`` K/V (the first update of a sequence): runs transformers' own
   SDPA over them (prefill is ordinary full attention), reads each row's leading pad count
   from the mask and calls ``layer.after_prefill(query, pads)`` (the layer compresses);
-* otherwise calls ``layer.attend(query, scaling)`` → ``[B, H_q, q, D]``: each cache
-  implements only this.
+* otherwise calls ``layer.attend(query, scaling, attention_mask)`` → ``[B, H_q, q, D]``:
+  each cache implements only this.
 
 Plain tensors (no cache handle) go to SDPA, exactly as transformers' ``"sdpa"``;
 ``leank_observer=fn`` in the forward kwargs first shows ``fn(layer_idx, query, key)`` the
@@ -72,7 +72,7 @@ def leank_attention(
             )
             key.layer.after_prefill(query, pads_from_mask(attention_mask, query.shape[0], query.device))
             return out, None
-        return key.layer.attend(query, scaling).transpose(1, 2).contiguous(), None
+        return key.layer.attend(query, scaling, attention_mask).transpose(1, 2).contiguous(), None
     observer = kwargs.pop("leank_observer", None)
     if observer is not None:
         observer(module.layer_idx, query, key)

@@ -10,15 +10,16 @@ heads that keep some), packed head-major in one flat K and one flat V buffer.
 * A **decode step** (one token per row) is a fixed-shape, tensor-indexed update: the token
   in the ring slot the new token takes (``R + 1`` positions back) moves to the sink or the
   middle store, the new token is written there, ``seen`` is incremented — all on device
-  tensors, so a step never reads a host value, never branches on the length and never
-  allocates: it can be captured in a CUDA graph (``is_compileable``) and
+  tensors, so a step never reads a host value, never branches on the length and allocates
+  nothing that outlives it (only temporaries, from the graph's pool under CUDA graphs): it
+  can be captured in a CUDA graph (``is_compileable``) and
   ``generate()`` compiles it on CUDA when the cache is built with ``max_length``.
 * A multi-token step after the prompt is attended exactly (torch path), then stored.
 
 Memory: with ``max_length`` every buffer is allocated at the prompt for that many tokens
 per row (the ideal LeanK bytes at ``max_length`` plus the overhead itemised by
 :meth:`LeanKLayer.overhead_nbytes`). Without it the middle store is sized exactly at the
-prompt and grows when full, by a sixteenth but never past the dense cache's size, and the
+prompt and grows when full, by a sixteenth (16 slots at least) but never past the dense cache's size, and the
 ring starts at the prompt's length: the cache never holds more than a ``DynamicCache``
 for the same tokens plus ``S + R + 2`` full tokens per row (sink and ring capacity,
 scratch slots) and its index tables.
@@ -156,17 +157,35 @@ class LeanKLayer(DynamicLayer):
         self._allocate(pads.to(self.device, torch.long), k.shape[2])
         self._commit(k, v)
 
-    def attend(self, query: torch.Tensor, scaling: float) -> torch.Tensor:
-        """LeanK attention ``[B, H_q, q, D]`` of the step's queries ``[B, H_q, q, D]``."""
+    def attend(self, query: torch.Tensor, scaling: float, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """LeanK attention ``[B, H_q, q, D]`` of the step's queries ``[B, H_q, q, D]``. Padding
+        is taken from the prompt (left padding); later steps must not add any."""
         if self.pending is not None:  # several tokens after the prompt: exact torch path, then store
+            self._refuse_new_padding(attention_mask, self.pending[0].shape[2])
             out = decode_attention_torch(query, self.view, scaling, pending=self.pending)
             self._commit(*self.pending)
             self.pending = None
             return out
         return decode_attention(query, self.view, scaling, backend=self.backend)
 
+    def _refuse_new_padding(self, attention_mask: torch.Tensor | None, q: int) -> None:
+        """A multi-token step whose mask hides some of its own tokens (padding inside a later
+        chunk, e.g. a batched continuation of rows of different lengths) is refused: the
+        stores know each row's padding from the prompt only."""
+        if attention_mask is None:
+            return
+        start = int(self.seen)
+        new = attention_mask[:, 0, -1, start : start + q]  # the last query's view of the new tokens
+        hidden = ~new if new.dtype == torch.bool else new != 0
+        if bool(hidden.any()):
+            raise LeanKError(
+                "a LeanK cache takes padding from the prompt only (left padding): this step pads some rows "
+                "inside the new tokens; continue rows of different lengths in separate caches or one row at a time"
+            )
+
     def get_seq_length(self):
-        return self.seen if self.view is not None else 0
+        # A copy: the stored count keeps changing in place.
+        return self.seen.clone() if self.view is not None else 0
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         # The decode path reads no mask (padding is known from the prompt); a fixed size keeps
@@ -301,12 +320,11 @@ class LeanKLayer(DynamicLayer):
             self._set_view()
         needed = tokens - (self.recent + 1) - int(self.c0)
         if needed > self.capacity:
-            # A sixteenth more (amortised: 16 token copies per step, against the M tokens attention
-            # reads), but never more middle bytes than the dense cache holds for `tokens`.
-            full_token = 2 * self.num_kv_heads * self.head_dim
-            middle_token = self.middle_width + self.kv_heads * self.head_dim
+            # A sixteenth more, at least 16 slots (amortised: 16 token copies per step against the
+            # M tokens attention reads), never more middle bytes than the dense cache's for `tokens`.
+            full_token, middle_token = self._token_bytes()
             dense_bound = tokens * full_token // max(1, middle_token)
-            self._layout_middle(max(needed, min(self.capacity + self.capacity // 16, dense_bound)))
+            self._layout_middle(max(needed, min(self.capacity + max(16, self.capacity // 16), dense_bound)))
 
     def _store(self, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Write tokens at positions ``pos`` ``[m]`` (K/V ``[B, H, m, D]``) that leave the ring
@@ -398,8 +416,9 @@ class LeanKLayer(DynamicLayer):
     def overhead_nbytes(self) -> dict[str, int]:
         """Where allocated bytes exceed :meth:`ideal_nbytes`, by cause (they sum to the difference):
 
-        * ``middle_slack``: middle slots not yet filled, plus the scratch slot (0 filled
-          slots unused right after a prompt without ``max_length``; up to a sixteenth after growth);
+        * ``middle_slack``: middle slots not yet filled, plus the scratch slot (no unfilled
+          slot right after a prompt without ``max_length``; up to a sixteenth or 16 slots after
+          growth) and the 1-element placeholders when no head keeps a channel;
         * ``padding``: middle slots of left-padded rows that precede the row's sink
           (``max(pads) - min(pads)`` tokens at most);
         * ``index``: the contract's tables, per-row pads, lengths and the store index tensors;
@@ -415,7 +434,7 @@ class LeanKLayer(DynamicLayer):
         c0 = int(self.c0)
         padding = sum(min(M, max(0, pad + self.sink - c0)) for pad in self.pads.tolist()) * middle_token
         out = {
-            "middle_slack": (self.capacity + 1 - M) * middle_token * self.batch,
+            "middle_slack": _nbytes(self.mid_k, self.mid_v) - M * middle_token * self.batch,
             "padding": padding,
             "index": _nbytes(*self._index_tensors()),
         }
@@ -478,6 +497,12 @@ class LeanKCache(Cache):
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
         if not torch.compiler.is_compiling():
             self._check_attention()
+            if layer_idx == 0 and self.layers[0].view is not None:
+                # Compiled steps do not keep the host count: one read per eager step brings it back
+                # (every layer stores the same tokens), so the max_length check stays exact.
+                length = int(self.layers[0].seen)
+                for layer in self.layers:
+                    layer.length = length
         return self.layers[layer_idx].update(key_states, value_states)
 
     def nbytes(self) -> int:

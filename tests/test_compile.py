@@ -79,3 +79,21 @@ def test_generate_on_cuda_takes_the_cuda_graph_path(num_beams):
     if num_beams == 1:  # (transformers 5.17 compiles greedy/sample decoding, not beam search)
         assert counters["stats"]["unique_graphs"] >= 1, "generate() did not compile the decode step"
     assert torch.equal(outs[0], outs[1])
+
+
+def test_eager_steps_after_compiled_ones_still_check_max_length():
+    """Compiled steps cannot keep the host's token count; the next eager step re-reads it, so
+    going past max_length after a compiled generate() is still refused."""
+    gen = torch.Generator().manual_seed(torch.seed() % 2**31)
+    model = tiny_model("llama", layers=2, kv_heads=2, groups=2, head_dim=16, qk_gain=3.0)
+    leank.enable(model)
+    ids = torch.randint(3, 97, (1, 20), generator=gen)
+    cache = leank.LeanKCache(model, leank.ChannelMask.full(2, 2, 16), sink=3, recent=5, max_length=45)
+    kw = dict(do_sample=False, pad_token_id=0, **leank.cache_kwargs(cache))
+    torch._dynamo.reset()
+    out = model.generate(input_ids=ids, max_new_tokens=25, min_new_tokens=25, compile_config=cpu_compile_config(),
+                         **kw)
+    assert int(cache.get_seq_length()) == 44
+    with pytest.raises(leank.LeanKError, match="built for max_length=45"):
+        model.generate(input_ids=out, attention_mask=torch.ones_like(out), max_new_tokens=3, min_new_tokens=3,
+                       disable_compile=True, **kw)

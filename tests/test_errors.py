@@ -145,3 +145,23 @@ def test_static_cache_refuses_to_go_past_max_length():
     cache = leank.LeanKCache(model, mask, sink=2, recent=4, max_length=10)
     with pytest.raises(LeanKError, match="the prompt has 20 tokens, more than this cache's max_length 10"):
         model.generate(input_ids=ids, **kw, **leank.cache_kwargs(cache))
+
+
+def test_padding_inside_a_later_step_is_refused():
+    """Rows continued with padding inside the new tokens (a batched continuation of rows of
+    different lengths): the stores know padding from the prompt only, so this is refused
+    rather than attended as if the pads were real tokens."""
+    model = tiny_model("llama", qk_gain=3.0)
+    leank.enable(model)
+    gen = torch.Generator().manual_seed(0)
+    ids, more = torch.randint(3, 97, (2, 10), generator=gen), torch.randint(3, 97, (2, 4), generator=gen)
+    cache = leank.LeanKCache(model, leank.ChannelMask.full(2, 2, 16), sink=2, recent=3)
+    kw = leank.cache_kwargs(cache)
+    with torch.no_grad():
+        model(input_ids=ids, use_cache=True, **kw)
+        mask = torch.ones(2, 14, dtype=torch.long)
+        model(input_ids=more[:, :2], attention_mask=mask[:, :12], use_cache=True, **kw)  # no padding: fine
+        mask = torch.ones(2, 16, dtype=torch.long)
+        mask[1, 12:14] = 0
+        with pytest.raises(LeanKError, match="padding from the prompt only"):
+            model(input_ids=more, attention_mask=mask, use_cache=True, **kw)

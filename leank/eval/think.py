@@ -103,7 +103,7 @@ class ThinKLayer(DynamicLayer):
         self.pads = pads
         self.kept = select_channels(query, self.keys, pads, keep=self.keep, window=self.window)
 
-    def attend(self, query: torch.Tensor, scaling: float) -> torch.Tensor:
+    def attend(self, query: torch.Tensor, scaling: float, attention_mask=None) -> torch.Tensor:
         return masked_attention(query, self.keys, self.values, self.kept, self.pads, sink=self.sink,
                                 recent=self.recent, scaling=scaling)
 

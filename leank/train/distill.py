@@ -53,8 +53,8 @@ class ScaledPromptLayer(DynamicLayer):
         handle = Handle(self)
         return handle, handle
 
-    def attend(self, query: torch.Tensor, scaling: float) -> torch.Tensor:
-        K, V = self.current  # [B, H, T, D]
+    def attend(self, query: torch.Tensor, scaling: float, attention_mask=None) -> torch.Tensor:
+        (K, V), self.current = self.current, None  # [B, H, T, D]; not kept past this forward
         B, Hq, q, D = query.shape
         H, T = K.shape[1], K.shape[2]
         G = Hq // H
