@@ -93,7 +93,7 @@ def leank_read_bytes(layer: LeanKLayer) -> int:
     elem = layer.ring_k.element_size()
     seen, ring = int(layer.seen), layer.ring_k.shape[2]
     full_tokens = min(layer.sink, max(0, seen - ring)) + min(seen, ring)
-    middle = max(0, seen - ring - int(layer.c0))
+    middle = layer.middle_length()
     counts = layer.kept.sum(-1)
     middle_per_token = int(counts.sum()) + layer.head_dim * int((counts > 0).sum())
     per_row = full_tokens * layer.num_kv_heads * 2 * layer.head_dim + middle * middle_per_token

@@ -381,6 +381,10 @@ class LeanKLayer(DynamicLayer):
     def _stored(self) -> int:
         return int(self.seen) if self.view is not None else 0
 
+    def middle_length(self) -> int:
+        """Tokens in the compressed middle store (slots ``[0, M)``; see :mod:`leank.contract`)."""
+        return max(0, self._stored() - self.ring_k.shape[2] - int(self.c0)) if self.view is not None else 0
+
     def _index_tensors(self) -> list[torch.Tensor]:
         return [*self.tables, self.pads, self.seen, self.c0, self.k_src, self.k_head_off, self.k_col, self.k_step,
                 self.v_src, self.v_head_off, self.v_col, self.k_base, self.v_base]
@@ -430,7 +434,7 @@ class LeanKLayer(DynamicLayer):
         if not seen:
             return {}
         _, middle_token = self._token_bytes()
-        M = max(0, seen - self.ring_k.shape[2] - int(self.c0))
+        M = self.middle_length()
         c0 = int(self.c0)
         padding = sum(min(M, max(0, pad + self.sink - c0)) for pad in self.pads.tolist()) * middle_token
         out = {

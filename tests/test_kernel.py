@@ -87,11 +87,6 @@ def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
     return ((x.double() - ref).abs().max() / ref.abs().max()).item()
 
 
-def middle_tokens(layer: LeanKLayer) -> int:
-    """Tokens in the compressed middle store (from the contract's lengths)."""
-    return max(0, int(layer.seen) - layer.ring_k.shape[2] - int(layer.c0))
-
-
 def check_step(hist: History, query: torch.Tensor, out: torch.Tensor, dtype) -> None:
     scaling = 1 / math.sqrt(query.shape[-1])
     ref = hist.attention(query, scaling, torch.float64)
@@ -116,7 +111,7 @@ def run_case(*, B, H, G, D, counts, sink, recent, pads, prompt, steps, dtype, pr
         out = torch.full((B, H * G, 1, D), float("nan"), dtype=dtype, device=DEVICE)  # poisoned
         td.decode_attention_triton(query, hist.layer.view, scaling, out=out, programs=programs)
         check_step(hist, query, out, dtype)
-        moved |= middle_tokens(hist.layer) > 0
+        moved |= hist.layer.middle_length() > 0
     assert moved, "the case never used the compressed middle store"
 
 
@@ -242,7 +237,7 @@ def test_cuda_graph_replay_across_steps(dtype):
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         out = step()
-    moved_before = middle_tokens(layer)
+    moved_before = layer.middle_length()
     for _ in range(40):
         k, v = hist._rand(B, H, 1, D), hist._rand(B, H, 1, D)
         hist.k, hist.v = torch.cat([hist.k, k], 2), torch.cat([hist.v, v], 2)
@@ -251,4 +246,4 @@ def test_cuda_graph_replay_across_steps(dtype):
         q_in.copy_(hist._rand(B, H * G, 1, D))
         graph.replay()
         check_step(hist, q_in, out, dtype)
-    assert middle_tokens(layer) == moved_before + 40
+    assert layer.middle_length() == moved_before + 40

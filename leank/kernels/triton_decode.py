@@ -245,7 +245,7 @@ def _plan(batch, head_counts, D, slots, sm_count, programs, config) -> Plan:
     return Plan(splits, programs, sum_cd, max_cd, 2 * block * (min(kept) + D), block, warps, stages, kalign)
 
 
-def check_query(query: torch.Tensor, view: DecodeView) -> None:
+def check_query(query: torch.Tensor) -> None:
     B, Hq, q, D = query.shape
     if q != 1:
         raise LeanKError(f"the triton LeanK kernel decodes one token per row, got {q}: use the torch backend")
@@ -265,7 +265,7 @@ def decode_attention_triton(
 
     ``out``: where to write (contiguous ``[B, H_q, 1, D]``); ``programs``: middle programs to
     spread over instead of the default (tests use it to force many splits)."""
-    check_query(query, view)
+    check_query(query)
     B, Hq, _, D = query.shape
     H = view.ring_k.shape[1]
     G = Hq // H
