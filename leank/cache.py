@@ -37,7 +37,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 from .attention import Handle, check_supported
 from .contract import DecodeView
 from .errors import LeanKError
-from .kernels import decode_attention, decode_attention_torch, resolve_backend
+from .kernels import decode_attention, decode_attention_torch, fused_store, resolve_backend, store_step
 from .masks import ChannelMask, check_window
 
 
@@ -348,7 +348,12 @@ class LeanKLayer(DynamicLayer):
 
     def _step(self, k: torch.Tensor, v: torch.Tensor) -> None:
         """A decode step's update: the token ``W`` positions back leaves the ring slot the new
-        token takes (to sink/middle; nothing when it does not exist), then the new one is written."""
+        token takes (to sink/middle; nothing when it does not exist), then the new one is written.
+        On CUDA one kernel does it (:func:`leank.kernels.store_step`); these torch ops are its
+        reference."""
+        if fused_store(self.device, self.backend):
+            store_step(k, v, self.view, sink_write=not self.sink_full, backend=self.backend)
+            return
         ring = self.ring_k.shape[2]
         slot = (self.seen % ring).view(1)
         self._store((self.seen - ring).view(1), self.ring_k.index_select(2, slot), self.ring_v.index_select(2, slot))

@@ -10,6 +10,7 @@ from the full K/V history — not from the cache's storage — with the rule wri
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -38,9 +39,9 @@ def random_kept(H: int, D: int, counts: list[int], gen: torch.Generator) -> torc
 class History:
     """A LeanK layer fed with random K/V, and every K/V it was given (the reference's input)."""
 
-    def __init__(self, *, B, H, D, kept, sink, recent, pads, prompt, dtype, gen, max_length=None):
+    def __init__(self, *, B, H, D, kept, sink, recent, pads, prompt, dtype, gen, max_length=None, backend="auto"):
         self.gen, self.dtype, self.pads = gen, dtype, pads
-        self.layer = LeanKLayer(kept.to(DEVICE), sink=sink, recent=recent, max_length=max_length)
+        self.layer = LeanKLayer(kept.to(DEVICE), sink=sink, recent=recent, max_length=max_length, backend=backend)
         self.k = self._rand(B, H, prompt, D)
         self.v = self._rand(B, H, prompt, D)
         self.layer.update(self.k, self.v)
@@ -150,6 +151,43 @@ def test_prompt_shorter_than_the_window(counts):
              dtype=torch.float32, programs=None, seed=torch.seed() % 2**31)
 
 
+def stores(layer: LeanKLayer) -> dict[str, torch.Tensor]:
+    """A layer's stores with the scratch slots (written only by the torch update) zeroed."""
+    out = {name: getattr(layer, name).clone() for name in ("sink_k", "sink_v", "ring_k", "ring_v", "mid_k", "mid_v")}
+    out["sink_k"][:, :, -1] = out["sink_v"][:, :, -1] = 0
+    slots, D = layer.capacity + 1, layer.head_dim
+    head_c, head_koff, head_voff, _ = (t.tolist() for t in layer.tables)
+    for c, koff, voff in zip(head_c, head_koff, head_voff, strict=True):
+        if c:
+            out["mid_k"][:, koff * slots + (slots - 1) * c :][:, :c] = 0
+            out["mid_v"][:, voff * slots * D + (slots - 1) * D :][:, :D] = 0
+    return out
+
+
+@pytest.mark.parametrize("D, counts, sink, pads, prompt, max_length", [
+    (64, [0, 16, 7, 64], 3, [0, 9], 12, 42),  # a padded row's sink fills while decoding; the last slot used
+    (128, [32, 0, 128], 4, [2, 0, 5], 3, None),  # prompt shorter than sink + ring; growing stores
+    (96, [0, 0], 2, [0], 30, 60),  # no middle store at all; head_dim not a power of two
+])
+def test_store_kernel_matches_the_torch_update(D, counts, sink, pads, prompt, max_length):
+    """The fused update kernel (Triton; the interpreter on a CPU) leaves every store as the
+    cache's torch ops do, at every step, scratch slots aside."""
+    seed = torch.seed() % 2**31
+    H, B = len(counts), len(pads)
+    kept = random_kept(H, D, counts, torch.Generator().manual_seed(seed))
+    pair = [History(B=B, H=H, D=D, kept=kept, sink=sink, recent=5, pads=pads, prompt=prompt, dtype=torch.float32,
+                    gen=torch.Generator().manual_seed(seed), max_length=max_length, backend=backend)
+            for backend in ("torch", "triton")]
+    for _ in range(30):
+        for hist in pair:
+            k, v = hist.step()
+            assert torch.equal(hist.k[:, :, -1:], k)
+        fused, ref = stores(pair[1].layer), stores(pair[0].layer)
+        for name in ref:
+            assert torch.equal(fused[name], ref[name]), name
+        assert int(pair[1].layer.seen) == int(pair[0].layer.seen)
+
+
 def kernel_splits(p: td.Plan, c: int, D: int, middle: int, batch: int) -> tuple[int, int]:
     """(split length, splits used) of a head keeping ``c`` channels, as the kernel computes them."""
     cdiv = lambda a, b: -(-a // b)
@@ -229,10 +267,13 @@ def test_cuda_graph_replay_across_steps(dtype):
         layer.update(k_in, v_in)
         return td.decode_attention_triton(q_in, layer.view, 1 / math.sqrt(D))
 
-    # Compile the kernel first (reading only); capturing records the step without running it.
+    # Compile the kernels first (on a copy: the update writes); capturing records the step
+    # without running it.
     stream = torch.cuda.Stream()
     with torch.cuda.stream(stream):
-        td.decode_attention_triton(q_in, layer.view, 1 / math.sqrt(D))
+        warm = copy.deepcopy(layer)
+        warm.update(k_in, v_in)
+        td.decode_attention_triton(q_in, warm.view, 1 / math.sqrt(D))
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):

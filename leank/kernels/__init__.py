@@ -33,12 +33,13 @@ def resolve_backend(backend: str | None = None) -> str:
     return backend
 
 
-def _triton():
+def _triton(module: str = "triton_decode"):
     try:
-        from . import triton_decode
+        import importlib
+
+        return importlib.import_module(f"{__name__}.{module}")
     except ImportError as e:  # pragma: no cover - depends on the install
         raise LeanKError(f"the triton LeanK kernel needs the package triton ({e}): pip install triton") from None
-    return triton_decode
 
 
 def _view(args: tuple, sink: int, recent: int, slots: int, head_counts) -> DecodeView:
@@ -66,6 +67,42 @@ def _decode_op_cuda(query, *args):
 @_decode_op.register_fake
 def _decode_op_fake(query, *args):
     return torch.empty_like(query, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op(
+    "leank::store_step", mutates_args=("sink_k", "sink_v", "ring_k", "ring_v", "mid_k", "mid_v", "seen")
+)
+def _store_op(
+    key: torch.Tensor, value: torch.Tensor, sink_k: torch.Tensor, sink_v: torch.Tensor, ring_k: torch.Tensor,
+    ring_v: torch.Tensor, mid_k: torch.Tensor, mid_v: torch.Tensor, head_c: torch.Tensor, head_koff: torch.Tensor,
+    head_voff: torch.Tensor, head_chan: torch.Tensor, pads: torch.Tensor, seen: torch.Tensor, c0: torch.Tensor,
+    sink: int, recent: int, slots: int, head_counts: list[int], sink_write: bool,
+) -> None:
+    view = _view((sink_k, sink_v, ring_k, ring_v, mid_k, mid_v, head_c, head_koff, head_voff, head_chan, pads, seen,
+                  c0), sink, recent, slots, head_counts)
+    _triton("triton_store").store_step_triton(key, value, view, sink_write=sink_write)
+
+
+@_store_op.register_fake
+def _store_op_fake(*args) -> None:
+    return None
+
+
+def fused_store(device: torch.device, backend: str) -> bool:
+    """Whether a decode step's cache update runs as the Triton store kernel (:func:`store_step`)
+    rather than the cache's torch ops: on CUDA unless the backend is ``"torch"``, and always
+    for ``"triton"`` (on a CPU: the interpreter, for tests)."""
+    return backend == "triton" or (backend == "auto" and device.type == "cuda")
+
+
+def store_step(key: torch.Tensor, value: torch.Tensor, view: DecodeView, *, sink_write: bool, backend: str) -> None:
+    """A decode step's cache update (one new token per row, then ``seen += 1``) as one kernel;
+    see :mod:`leank.kernels.triton_store`. ``"auto"`` goes through the op ``leank::store_step``
+    (CUDA only), which ``torch.compile`` keeps as one node that updates the buffers in place."""
+    if backend == "triton":
+        _triton("triton_store").store_step_triton(key, value, view, sink_write=sink_write)
+    else:
+        _store_op(key, value, *view.tensors(), view.sink, view.recent, view.slots, list(view.head_counts), sink_write)
 
 
 def decode_attention(query: torch.Tensor, view: DecodeView, scaling: float, *, backend: str = "auto") -> torch.Tensor:
