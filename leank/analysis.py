@@ -285,6 +285,7 @@ def summary(source: Analyzable, others: Sequence[Analyzable] = ()) -> dict[str, 
         "input": {"name": src.name, "path": src.path, "kind": src.kind, "shape": list(kept.shape)},
         "mask": {
             "model": mask.model, "method": mask.method, "alignment": mask.alignment,
+            "model_layers": list(mask.model_layers),
             "sparsity": _r(mask.sparsity), "fully_pruned_heads": mask.fully_pruned_heads,
             "total_heads": mask.num_layers * mask.num_kv_heads,
             "heads_by_kept_count": {str(k): v for k, v in mask.count_histogram().items()},
@@ -434,7 +435,7 @@ def plot_heads(source: Analyzable, path: str | Path) -> Path:
     """Fully pruned heads per layer, kept fraction per layer, histogram of kept counts."""
     src = as_source(source)
     mask = src.mask
-    layers = torch.arange(mask.num_layers).numpy()
+    layers = [str(i) for i in mask.model_layers]  # model layer indices (a hybrid model's compressed ones)
     fig = _figure(figsize=(12, 3.6))
     ax1, ax2, ax3 = fig.subplots(1, 3, width_ratios=[1.3, 1.3, 1])
     ax1.bar(layers, pruned_heads_per_layer(mask.kept), color="tab:red")
@@ -479,7 +480,7 @@ def plot_comparison(a: Analyzable, b: Analyzable, path: str | Path) -> Path:
     """Per-layer Jaccard of kept channels, fully pruned heads of each mask, confusion counts."""
     sa, sb = as_source(a), as_source(b)
     c = compare_masks(sa.mask, sb.mask)
-    layers = torch.arange(sa.mask.num_layers).numpy()
+    layers = [str(i) for i in sa.mask.model_layers]
     fig = _figure(figsize=(12, 3.6))
     ax1, ax2, ax3 = fig.subplots(1, 3, width_ratios=[1.3, 1.3, 0.8])
     ax1.plot(layers, c["jaccard_per_layer"], marker="o", label=f"measured (all: {c['jaccard']:.2f})")
