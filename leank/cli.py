@@ -32,6 +32,8 @@ def _info(args) -> int:
         note = "" if key not in missing else " (not in the file)" if key in ("model", "method") else \
             " (not in the file: library default)"
         print(f"  {key:<28} {s[key]}{note}")
+    if mask.layers is not None:
+        print(f"  {'compressed model layers':<28} {list(mask.layers)} (the others are not compressed)")
     print(f"  {'K channels pruned':<28} {mask.sparsity:.2%}")
     print(f"  {'KV heads fully pruned':<28} {mask.fully_pruned_heads}/{s['total_heads']}")
     print(f"  {'heads by kept count':<28} {s['heads_by_kept_count']}")

@@ -203,3 +203,27 @@ def test_nan_scores_refused():
     scores[1, 0, 3] = float("nan")
     with pytest.raises(leank.LeanKError, match="NaN"):
         binarize(scores, sparsity=0.5)
+
+
+def test_hybrid_model_calibration_and_metadata(tmp_path, capsys):
+    """A magnitude mask for a hybrid model covers its full-attention layers only, records them,
+    survives a save/load, and `leank info` shows them."""
+    from leank.calibrate import channel_magnitudes, magnitude_mask
+    from leank.cli import main
+
+    from .conftest import tiny_model
+
+    model = tiny_model("gemma2", layers=4, qk_gain=3.0)  # layers 1 and 3 are full attention
+    batches = [torch.randint(3, 97, (2, 6))]  # within the window: layer types change no activation
+    scores = channel_magnitudes(model, batches, progress=False)
+    model.config.layer_types = ["full_attention"] * 4  # every layer scored: rows 1 and 3 must be layers 1, 3
+    every = channel_magnitudes(model, batches, progress=False)
+    model.config.layer_types = ["sliding_attention", "full_attention"] * 2
+    torch.testing.assert_close(scores, every[[1, 3]])
+    mask = magnitude_mask(model, batches, sparsity=0.5, alignment=4, progress=False)
+    assert mask.layers == (1, 3) and mask.kept.shape == (2, 2, 16)
+    path = mask.save(tmp_path / "m.safetensors")
+    assert ChannelMask.load(path).layers == (1, 3)
+    leank.LeanKCache(model, ChannelMask.load(path))
+    assert main(["info", str(path)]) == 0
+    assert "compressed model layers      [1, 3]" in capsys.readouterr().out
