@@ -50,7 +50,7 @@ AUTHORS_LIKE = "authors-like"  # a random mask with the authors' Llama head-coun
 SHAPES = [(1, 32768), (1, 131072), (8, 32768), (64, 32768)]
 MODELS = {
     # name: (query heads, KV heads, head_dim, mask: file or (AUTHORS_LIKE, layers), scaling, softcap, shapes)
-    "llama3.1-8b": (32, 8, 128, HERE / "masks" / "llama3.1-8b-instruct.leank-mask.safetensors", None, None, SHAPES),
+    "llama3.1-8b": (32, 8, 128, bundled_mask_path("llama-3.1-8b-instruct"), None, None, SHAPES),
     "smollm2-135m": (9, 3, 64, None, None, None, SHAPES),
     "gemma2-9b-global": (16, 8, 256, (AUTHORS_LIKE, 21), 256 ** -0.5, 50.0, [(8, 8192)]),
     "phi3-mini": (32, 32, 96, (AUTHORS_LIKE, 32), None, None, [(8, 32768)]),

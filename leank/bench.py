@@ -45,7 +45,6 @@ from .masks import ChannelMask
 METHODS = ("full", "full-compiled", "leank-eager", "leank")
 COMPILED = ("full-compiled", "leank")
 LLAMA_8B_SHAPE = "llama3.1-8b-shape"
-AUTHORS_LLAMA_MASK = "llama3.1-8b-instruct.leank-mask.safetensors"
 
 
 def random_llama_8b(device, dtype=torch.bfloat16):
@@ -267,14 +266,12 @@ def load(model_name: str, mask_path: str | None, device):
 
     if model_name == LLAMA_8B_SHAPE:
         model = random_llama_8b(device)
-        if mask_path is None:  # the authors' mask, kept with the benchmarks in a source checkout
-            mask_path = Path(__file__).resolve().parent.parent / "benchmarks/masks" / AUTHORS_LLAMA_MASK
-            if not mask_path.is_file():
-                raise LeanKError(f"{LLAMA_8B_SHAPE} needs --mask (the authors' mask, {AUTHORS_LLAMA_MASK})")
-        mask = ChannelMask.load(mask_path)
+        mask = ChannelMask.load(mask_path or bundled_mask_path("llama-3.1-8b-instruct"))  # the authors' mask
     else:
+        # Without --mask: the bundled mask picked by the model's name, else its config's shape.
+        mask = ChannelMask.load(mask_path) if mask_path else None
         model, _ = load_model(model_name, dtype=torch.bfloat16, device=device)
-        mask = ChannelMask.load(mask_path or bundled_mask_path(model_name, 0.7))
+        mask = mask or ChannelMask.load(bundled_mask_path(model, 0.7))
     return model, mask
 
 

@@ -349,7 +349,7 @@ def with_count_distribution(scores: torch.Tensor, fractions: dict[int, float], *
     return ChannelMask(mask_from_counts(scores, counts.view(scores.shape[:2])), **meta)
 
 
-# Kept-count distribution of the authors' Llama-3.1-8B-Instruct mask (benchmarks/masks/),
+# Kept-count distribution of the authors' Llama-3.1-8B-Instruct mask (leank/masks/),
 # as fractions of head_dim: 0, 1/4, 1/2, 3/4 kept for 47, 120, 67, 22 of 256 heads.
 AUTHORS_LLAMA_DISTRIBUTION = {0: 47 / 256, 1: 120 / 256, 2: 67 / 256, 3: 22 / 256}
 
