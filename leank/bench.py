@@ -96,13 +96,17 @@ def weight_bytes(model, batch: int) -> int:
 
 
 def kv_bytes_needed(method: str, model, cache, batch: int, tokens: int) -> int:
-    """KV bytes one step must read: every token's K/V for the dense caches, LeanK's ideal bytes."""
+    """KV bytes one step must read: every token's K/V for the dense caches (a sliding-window
+    layer's window only), LeanK's ideal bytes (its sliding layers as the dense cache's)."""
+    from .architectures import layer_windows
+
     if method.startswith("leank"):
         return cache.ideal_nbytes()
     cfg = model.config
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     elem = next(model.parameters()).element_size()
-    return 2 * batch * tokens * cfg.num_key_value_heads * head_dim * cfg.num_hidden_layers * elem
+    layer_tokens = sum(tokens if w is None else min(tokens, w) for w in layer_windows(cfg))
+    return 2 * batch * layer_tokens * cfg.num_key_value_heads * head_dim * elem
 
 
 def kv_bytes_allocated(method: str, cache) -> tuple[int, int]:
