@@ -10,6 +10,15 @@ full, middle tokens with kept K channels and V of non-empty heads); TB/s = bytes
 Copy bandwidth (``dst.copy_(src)``, read + write bytes) is measured in the same run.
 
     python benchmarks/decode_kernel.py --out benchmarks/results/decode_kernel_h100
+    python benchmarks/decode_kernel.py --models gemma2-9b-global phi3-mini --out benchmarks/results/decode_kernel_arch
+
+Shapes of other architectures use random K/V and a mask with the authors' Llama-3.1-8B
+head-count distribution (:func:`leank.masks.authors_like_mask`: 0, 1/4, 1/2, 3/4 of the
+channels kept): ``gemma2-9b-global`` is Gemma 2 9B's 21 global layers (its 21 sliding-window
+layers are never compressed; 16 query / 8 KV heads, head_dim 256, scaling 1/16, soft-capping
+at 50: LeanK applies it, while torch's SDPA backends cannot, so their figure is a lower
+bound of a dense decode that caps), at 8 × 8K (its context); ``phi3-mini`` is Phi-3-mini's
+32 layers (32 query and 32 KV heads, head_dim 96: the kernel pads it to 128 lanes).
 
 ``--sweep`` first times a few kernel configurations (block, warps, stages, waves)
 on a subset of layers per shape and reports them; the main table uses the library's
@@ -33,16 +42,28 @@ from _env import environment  # noqa: E402
 
 from leank._io import atomic_write_json, atomic_write_text  # noqa: E402
 from leank.cache import LeanKLayer  # noqa: E402
-from leank.masks import ChannelMask  # noqa: E402
+from leank.masks import ChannelMask, authors_like_mask  # noqa: E402
 from leank.resources import bundled_mask_path  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
-MODELS = {
-    # name: (query heads, KV heads, head_dim, mask file)
-    "llama3.1-8b": (32, 8, 128, HERE / "masks" / "llama3.1-8b-instruct.leank-mask.safetensors"),
-    "smollm2-135m": (9, 3, 64, None),
-}
+AUTHORS_LIKE = "authors-like"  # a random mask with the authors' Llama head-count distribution
 SHAPES = [(1, 32768), (1, 131072), (8, 32768), (64, 32768)]
+MODELS = {
+    # name: (query heads, KV heads, head_dim, mask: file or (AUTHORS_LIKE, layers), scaling, softcap, shapes)
+    "llama3.1-8b": (32, 8, 128, bundled_mask_path("llama-3.1-8b-instruct"), None, None, SHAPES),
+    "smollm2-135m": (9, 3, 64, None, None, None, SHAPES),
+    "gemma2-9b-global": (16, 8, 256, (AUTHORS_LIKE, 21), 256 ** -0.5, 50.0, [(8, 8192)]),
+    "phi3-mini": (32, 32, 96, (AUTHORS_LIKE, 32), None, None, [(8, 32768)]),
+}
+
+
+def model_mask(name: str) -> ChannelMask:
+    """The benchmark's mask for a model shape (see the module docstring)."""
+    _, H, D, source, *_ = MODELS[name]
+    if isinstance(source, tuple):
+        scores = torch.rand(source[1], H, D, generator=torch.Generator().manual_seed(0))
+        return authors_like_mask(scores)
+    return ChannelMask.load(source or bundled_mask_path("smollm2-135m", 0.7))
 SWEEP = [(block, 4, stages, waves) for block in (32, 64, 128) for stages in (2, 3) for waves in (2, 4, 8)]
 
 
@@ -131,7 +152,7 @@ def copy_bandwidth(device) -> float:
     return 2 * src.numel() / ms / 1e9  # TB/s
 
 
-def run_leank(layers, q, scaling, config=None):
+def run_leank(layers, q, scaling, config=None, softcap=None):
     """Sum over ``layers`` of one decode call's GPU time (``config``: block, warps, stages, waves)."""
     from leank.kernels import triton_decode as td
 
@@ -139,14 +160,15 @@ def run_leank(layers, q, scaling, config=None):
         os.environ["LEANK_TRITON_CONFIG"] = ",".join(map(str, config))
     else:
         os.environ.pop("LEANK_TRITON_CONFIG", None)
-    return sum(bench(lambda layer=layer: td.decode_attention_triton(q, layer.view, scaling)) for layer in layers)
+    return sum(bench(lambda layer=layer: td.decode_attention_triton(q, layer.view, scaling, softcap=softcap))
+               for layer in layers)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
-    parser.add_argument("--shapes", nargs="+", default=[f"{b}x{t}" for b, t in SHAPES],
-                        help="batch x tokens, e.g. 8x32768")
+    parser.add_argument("--shapes", nargs="+", default=None,
+                        help="batch x tokens, e.g. 8x32768 (default: each model's shapes)")
     parser.add_argument("--sweep", action="store_true",
                         help="time kernel configurations on a layer subset first (Llama shape only)")
     parser.add_argument("--use-best", action="store_true", help="main table with the sweep's best configuration")
@@ -163,9 +185,9 @@ def main() -> None:
 
     rows, sweeps = [], []
     for model in args.models:
-        Hq, H, D, mask_path = MODELS[model]
-        mask = ChannelMask.load(mask_path or bundled_mask_path("smollm2-135m", 0.7))
-        for shape in args.shapes:
+        Hq, H, D, _, model_scaling, softcap, model_shapes = MODELS[model]
+        mask = model_mask(model)
+        for shape in args.shapes or [f"{b}x{t}" for b, t in model_shapes]:
             B, T = (int(x) for x in shape.split("x"))
             dense_bytes = 2 * B * H * T * D * 2
             if 2.2 * dense_bytes > free * 0.9:
@@ -176,9 +198,9 @@ def main() -> None:
             k = torch.randn(B, H, T, D, device=device, dtype=torch.bfloat16)
             v = torch.randn(B, H, T, D, device=device, dtype=torch.bfloat16)
             q = torch.randn(B, Hq, 1, D, device=device, dtype=torch.bfloat16)
-            scaling = 1 / math.sqrt(D)
+            scaling = model_scaling or 1 / math.sqrt(D)
             row = {"model": model, "batch": B, "tokens": T, "layers": mask.num_layers,
-                   "dense_bytes_per_layer": dense_bytes}
+                   "dense_bytes_per_layer": dense_bytes, "softcap": softcap, "mask": mask.method}
             for name, fn in dense_fns(q, k, v, scaling).items():
                 ms = bench(fn)
                 row[f"{name}_ms"] = ms * mask.num_layers
@@ -214,7 +236,7 @@ def main() -> None:
             total_ms, total_bytes = 0.0, 0
             for i in layer_ids:
                 layer = build_layer(mask.kept[i], k, v, mask.sink, mask.recent)
-                total_ms += run_leank([layer], q, scaling, config)
+                total_ms += run_leank([layer], q, scaling, config, softcap)
                 total_bytes += leank_read_bytes(layer)
                 del layer
             del k, v

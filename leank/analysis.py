@@ -285,6 +285,7 @@ def summary(source: Analyzable, others: Sequence[Analyzable] = ()) -> dict[str, 
         "input": {"name": src.name, "path": src.path, "kind": src.kind, "shape": list(kept.shape)},
         "mask": {
             "model": mask.model, "method": mask.method, "alignment": mask.alignment,
+            "model_layers": list(mask.model_layers),
             "sparsity": _r(mask.sparsity), "fully_pruned_heads": mask.fully_pruned_heads,
             "total_heads": mask.num_layers * mask.num_kv_heads,
             "heads_by_kept_count": {str(k): v for k, v in mask.count_histogram().items()},
@@ -430,6 +431,13 @@ def plot_frequency(source: Analyzable, path: str | Path, others: Sequence[Analyz
     return _save(fig, path)
 
 
+def _label_layers(mask: ChannelMask, *axes) -> None:
+    """A hybrid model's mask rows are its compressed layers: label the x axes with their model indices."""
+    if mask.layers is not None:
+        for ax in axes:
+            ax.set_xticks(range(mask.num_layers), [str(i) for i in mask.layers])
+
+
 def plot_heads(source: Analyzable, path: str | Path) -> Path:
     """Fully pruned heads per layer, kept fraction per layer, histogram of kept counts."""
     src = as_source(source)
@@ -437,6 +445,7 @@ def plot_heads(source: Analyzable, path: str | Path) -> Path:
     layers = torch.arange(mask.num_layers).numpy()
     fig = _figure(figsize=(12, 3.6))
     ax1, ax2, ax3 = fig.subplots(1, 3, width_ratios=[1.3, 1.3, 1])
+    _label_layers(mask, ax1, ax2)
     ax1.bar(layers, pruned_heads_per_layer(mask.kept), color="tab:red")
     ax1.set_ylim(0, mask.num_kv_heads)
     ax1.yaxis.get_major_locator().set_params(integer=True)
@@ -482,6 +491,7 @@ def plot_comparison(a: Analyzable, b: Analyzable, path: str | Path) -> Path:
     layers = torch.arange(sa.mask.num_layers).numpy()
     fig = _figure(figsize=(12, 3.6))
     ax1, ax2, ax3 = fig.subplots(1, 3, width_ratios=[1.3, 1.3, 0.8])
+    _label_layers(sa.mask, ax1, ax2)
     ax1.plot(layers, c["jaccard_per_layer"], marker="o", label=f"measured (all: {c['jaccard']:.2f})")
     ax1.plot(layers, c["jaccard_if_random_per_layer"], ls="--", color="grey",
              label=f"random channels, same counts ({c['jaccard_if_random']:.2f})")

@@ -11,16 +11,21 @@ V. The attention function then
 * for a handle with ``prompt`` K/V (the first update of a sequence): runs transformers' own
   SDPA over them (prefill is ordinary full attention), reads each row's leading pad count
   from the mask and calls ``layer.after_prefill(query, pads)`` (the layer compresses);
-* otherwise calls ``layer.attend(query, scaling, attention_mask)`` → ``[B, H_q, q, D]``:
-  each cache implements only this.
+* otherwise calls ``layer.attend(query, scaling, attention_mask, softcap=..., sinks=...)`` →
+  ``[B, H_q, q, D]``: each cache implements only this (``softcap``: the model's score
+  soft-capping or None; ``sinks``: its learned per-query-head sink logits ``[H_q]`` or None;
+  see :mod:`leank.architectures`).
 
-Plain tensors (no cache handle) go to SDPA, exactly as transformers' ``"sdpa"``;
+Plain tensors (no cache handle: training, sliding-window layers) and the prompt go to
+:func:`dense_attention`: transformers' SDPA, or the model's own eager attention where its
+scores have a term SDPA cannot express (soft-capping, learned sinks);
 ``leank_observer=fn`` in the forward kwargs first shows ``fn(layer_idx, query, key)`` the
 post-RoPE Q and K (mask calibration).
 """
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -28,10 +33,11 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from .architectures import check_supported
 from .errors import LeanKError
 
 ATTN_NAME = "leank"
-SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
+__all__ = ["ATTN_NAME", "Handle", "check_supported", "dense_attention", "enable", "leank_attention"]
 
 
 @dataclass(frozen=True)
@@ -52,6 +58,25 @@ def pads_from_mask(attention_mask: torch.Tensor | None, batch: int, device) -> t
     return visible.int().argmax(-1).expand(batch).to(device, torch.long)
 
 
+def dense_attention(module, query, key, value, attention_mask, *, scaling: float, dropout: float = 0.0, **kwargs):
+    """Ordinary attention over plain K/V ``[B, H_kv, T, D]`` → ``([B, q, H_q, D], None)``: SDPA, or
+    the model's own eager attention when ``softcap`` or ``s_aux`` (learned sinks) is set."""
+    if kwargs.get("softcap") is None and kwargs.get("s_aux") is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
+                                      **kwargs)
+    eager = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
+    if eager is None:
+        raise LeanKError(f"{type(module).__name__} passes soft-capping or sinks but its module has no "
+                         "eager_attention_forward: LeanK cannot run this architecture")
+    q, T = query.shape[2], key.shape[2]
+    if attention_mask is None:  # SDPA's mask skip means "causal, no padding"; eager needs it spelled out
+        attention_mask = torch.ones(q, T, dtype=torch.bool, device=query.device).tril(T - q)[None, None]
+    if attention_mask.dtype == torch.bool:  # our mask interface is SDPA's (bool); eager adds a float mask
+        attention_mask = torch.zeros(attention_mask.shape, dtype=query.dtype, device=query.device).masked_fill_(
+            ~attention_mask, torch.finfo(query.dtype).min)
+    return eager(module, query, key, value, attention_mask[..., :T], scaling=scaling, dropout=dropout, **kwargs)
+
+
 def leank_attention(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -67,18 +92,17 @@ def leank_attention(
         scaling = query.shape[-1] ** -0.5
     if isinstance(key, Handle):
         if key.prompt is not None:
-            out, _ = sdpa_attention_forward(
-                module, query, *key.prompt, attention_mask, scaling=scaling, dropout=dropout
-            )
+            out, _ = dense_attention(module, query, *key.prompt, attention_mask, scaling=scaling, dropout=dropout,
+                                     **kwargs)
             key.layer.after_prefill(query, pads_from_mask(attention_mask, query.shape[0], query.device))
             return out, None
-        return key.layer.attend(query, scaling, attention_mask).transpose(1, 2).contiguous(), None
+        out = key.layer.attend(query, scaling, attention_mask, softcap=kwargs.get("softcap"),
+                               sinks=kwargs.get("s_aux"))
+        return out.transpose(1, 2).contiguous(), None
     observer = kwargs.pop("leank_observer", None)
     if observer is not None:
         observer(module.layer_idx, query, key)
-    return sdpa_attention_forward(
-        module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
-    )
+    return dense_attention(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
 
 
 AttentionInterface.register(ATTN_NAME, leank_attention)
@@ -90,25 +114,3 @@ def enable(model) -> None:
     check_supported(model.config)
     if getattr(model.config, "_attn_implementation", None) != ATTN_NAME:
         model.set_attn_implementation(ATTN_NAME)
-
-
-def check_supported(config) -> None:
-    """Refuse architectures whose attention LeanK does not handle, with the reason."""
-    model_type = getattr(config, "model_type", None)
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise LeanKError(
-            f"model type {model_type!r} is not supported by LeanK: use one of "
-            f"{', '.join(SUPPORTED_MODEL_TYPES)} (Llama-, Qwen2-, Qwen3- or Mistral-architecture models)"
-        )
-    layer_types = getattr(config, "layer_types", None) or []
-    sliding = getattr(config, "sliding_window", None)
-    uses_sliding = any(t != "full_attention" for t in layer_types)
-    if model_type == "mistral" and sliding is not None:
-        uses_sliding = True
-    if model_type in ("qwen2", "qwen3") and getattr(config, "use_sliding_window", False):
-        uses_sliding = True
-    if uses_sliding:
-        raise LeanKError(
-            f"this {model_type} config uses sliding-window attention (sliding_window={sliding}), which "
-            "LeanK does not support: set config.sliding_window = None (full attention) or use another model"
-        )

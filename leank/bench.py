@@ -45,7 +45,6 @@ from .masks import ChannelMask
 METHODS = ("full", "full-compiled", "leank-eager", "leank")
 COMPILED = ("full-compiled", "leank")
 LLAMA_8B_SHAPE = "llama3.1-8b-shape"
-AUTHORS_LLAMA_MASK = "llama3.1-8b-instruct.leank-mask.safetensors"
 
 
 def random_llama_8b(device, dtype=torch.bfloat16):
@@ -97,13 +96,17 @@ def weight_bytes(model, batch: int) -> int:
 
 
 def kv_bytes_needed(method: str, model, cache, batch: int, tokens: int) -> int:
-    """KV bytes one step must read: every token's K/V for the dense caches, LeanK's ideal bytes."""
+    """KV bytes one step must read: every token's K/V for the dense caches (a sliding-window
+    layer's window only), LeanK's ideal bytes (its sliding layers as the dense cache's)."""
+    from .architectures import layer_windows
+
     if method.startswith("leank"):
         return cache.ideal_nbytes()
     cfg = model.config
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     elem = next(model.parameters()).element_size()
-    return 2 * batch * tokens * cfg.num_key_value_heads * head_dim * cfg.num_hidden_layers * elem
+    layer_tokens = sum(tokens if w is None else min(tokens, w) for w in layer_windows(cfg))
+    return 2 * batch * layer_tokens * cfg.num_key_value_heads * head_dim * elem
 
 
 def kv_bytes_allocated(method: str, cache) -> tuple[int, int]:
@@ -267,14 +270,12 @@ def load(model_name: str, mask_path: str | None, device):
 
     if model_name == LLAMA_8B_SHAPE:
         model = random_llama_8b(device)
-        if mask_path is None:  # the authors' mask, kept with the benchmarks in a source checkout
-            mask_path = Path(__file__).resolve().parent.parent / "benchmarks/masks" / AUTHORS_LLAMA_MASK
-            if not mask_path.is_file():
-                raise LeanKError(f"{LLAMA_8B_SHAPE} needs --mask (the authors' mask, {AUTHORS_LLAMA_MASK})")
-        mask = ChannelMask.load(mask_path)
+        mask = ChannelMask.load(mask_path or bundled_mask_path("llama-3.1-8b-instruct"))  # the authors' mask
     else:
+        # Without --mask: the bundled mask picked by the model's name, else its config's shape.
+        mask = ChannelMask.load(mask_path) if mask_path else None
         model, _ = load_model(model_name, dtype=torch.bfloat16, device=device)
-        mask = ChannelMask.load(mask_path or bundled_mask_path(model_name, 0.7))
+        mask = mask or ChannelMask.load(bundled_mask_path(model, 0.7))
     return model, mask
 
 

@@ -32,9 +32,10 @@ scratch slots) and its index tables.
 from __future__ import annotations
 
 import torch
-from transformers.cache_utils import Cache, DynamicLayer
+from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLayer, StaticSlidingWindowLayer
 
-from .attention import Handle, check_supported
+from .architectures import check_supported, layer_windows
+from .attention import Handle
 from .contract import DecodeView
 from .errors import LeanKError
 from .kernels import decode_attention, decode_attention_torch, fused_store, resolve_backend, store_step
@@ -157,16 +158,19 @@ class LeanKLayer(DynamicLayer):
         self._allocate(pads.to(self.device, torch.long), k.shape[2])
         self._commit(k, v)
 
-    def attend(self, query: torch.Tensor, scaling: float, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """LeanK attention ``[B, H_q, q, D]`` of the step's queries ``[B, H_q, q, D]``. Padding
-        is taken from the prompt (left padding); later steps must not add any."""
+    def attend(self, query: torch.Tensor, scaling: float, attention_mask: torch.Tensor | None = None, *,
+               softcap: float | None = None, sinks: torch.Tensor | None = None) -> torch.Tensor:
+        """LeanK attention ``[B, H_q, q, D]`` of the step's queries ``[B, H_q, q, D]`` with the model's
+        score terms (``softcap``, ``sinks`` ``[H_q]``; see :mod:`leank.contract`). Padding is taken
+        from the prompt (left padding); later steps must not add any."""
+        sinks = sinks.detach() if sinks is not None else None
         if self.pending is not None:  # several tokens after the prompt: exact torch path, then store
             self._refuse_new_padding(attention_mask, self.pending[0].shape[2])
-            out = decode_attention_torch(query, self.view, scaling, pending=self.pending)
+            out = decode_attention_torch(query, self.view, scaling, softcap=softcap, sinks=sinks, pending=self.pending)
             self._commit(*self.pending)
             self.pending = None
             return out
-        return decode_attention(query, self.view, scaling, backend=self.backend)
+        return decode_attention(query, self.view, scaling, softcap=softcap, sinks=sinks, backend=self.backend)
 
     def _refuse_new_padding(self, attention_mask: torch.Tensor | None, q: int) -> None:
         """A multi-token step whose mask hides some of its own tokens (padding inside a later
@@ -459,6 +463,13 @@ class LeanKLayer(DynamicLayer):
 class LeanKCache(Cache):
     """A transformers ``Cache`` of :class:`LeanKLayer` built from a :class:`ChannelMask`.
 
+    Full-attention layers are LeanK layers (mask row ``i`` for the ``i``-th of them); the
+    sliding-window layers of a hybrid model are transformers' own sliding layers
+    (``DynamicSlidingWindowLayer``, or ``StaticSlidingWindowLayer`` with ``max_length``), never
+    compressed (:mod:`leank.architectures`). ``compressed``: the indices of the LeanK layers.
+    Byte accounting counts a sliding layer's bytes in :meth:`nbytes`, :meth:`ideal_nbytes` and
+    :meth:`dense_nbytes` alike (transformers' default cache holds the same).
+
     ``model_or_config``: the model (or its config) whose attention implementation is
     ``"leank"`` (see :func:`leank.enable`). ``sink``/``recent`` default to the mask's.
     ``max_length``: tokens per row (prompt, padding included, plus new tokens) to allocate
@@ -489,10 +500,16 @@ class LeanKCache(Cache):
         self.sink, self.recent, self.max_length = sink, recent, max_length
         self._check_attention()
         backend = resolve_backend(backend)
-        layers = [
-            LeanKLayer(mask.kept[i], sink=sink, recent=recent, max_length=max_length, backend=backend)
-            for i in range(mask.num_layers)
-        ]
+        layers = []
+        for window in layer_windows(config):
+            if window is None:
+                layers.append(LeanKLayer(mask.kept[sum(isinstance(x, LeanKLayer) for x in layers)], sink=sink,
+                                         recent=recent, max_length=max_length, backend=backend))
+            elif max_length is None:
+                layers.append(DynamicSlidingWindowLayer(sliding_window=window))
+            else:
+                layers.append(StaticSlidingWindowLayer(max_cache_len=max_length, sliding_window=window))
+        self.compressed = tuple(i for i, layer in enumerate(layers) if isinstance(layer, LeanKLayer))
         super().__init__(layers=layers)
 
     def _check_attention(self) -> None:
@@ -506,30 +523,39 @@ class LeanKCache(Cache):
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
         if not torch.compiler.is_compiling():
             self._check_attention()
-            if layer_idx == 0 and self.layers[0].view is not None:
+            first = self.layers[self.compressed[0]]
+            if layer_idx == self.compressed[0] and first.view is not None:
                 # Compiled steps do not keep the host count: one read per eager step brings it back
                 # (every layer stores the same tokens), so the max_length check stays exact.
-                length = int(self.layers[0].seen)
-                for layer in self.layers:
+                length = int(first.seen)
+                for layer in self.leank_layers():
                     layer.length = length
-        return self.layers[layer_idx].update(key_states, value_states)
+        return self.layers[layer_idx].update(key_states, value_states, *args, **kwargs)
+
+    def leank_layers(self) -> list[LeanKLayer]:
+        """The compressed layers, in model order."""
+        return [self.layers[i] for i in self.compressed]
+
+    def _sliding_nbytes(self) -> int:
+        return sum(_nbytes(layer.keys, layer.values) for layer in self.layers
+                   if not isinstance(layer, LeanKLayer) and layer.is_initialized)
 
     def nbytes(self) -> int:
-        return sum(layer.nbytes() for layer in self.layers)
+        return sum(layer.nbytes() for layer in self.leank_layers()) + self._sliding_nbytes()
 
     def ideal_nbytes(self) -> int:
-        return sum(layer.ideal_nbytes() for layer in self.layers)
+        return sum(layer.ideal_nbytes() for layer in self.leank_layers()) + self._sliding_nbytes()
 
     def overhead_nbytes(self) -> dict[str, int]:
         """Allocated bytes beyond the ideal, by cause, summed over layers (see LeanKLayer)."""
         total: dict[str, int] = {}
-        for layer in self.layers:
+        for layer in self.leank_layers():
             for key, value in layer.overhead_nbytes().items():
                 total[key] = total.get(key, 0) + value
         return total
 
     def dense_nbytes(self) -> int:
-        return sum(layer.dense_nbytes() for layer in self.layers)
+        return sum(layer.dense_nbytes() for layer in self.leank_layers()) + self._sliding_nbytes()
 
 
 def cache_kwargs(cache: Cache) -> dict:

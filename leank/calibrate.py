@@ -17,15 +17,17 @@ from collections.abc import Iterable
 import torch
 from tqdm.auto import tqdm
 
+from .architectures import compressed_layers
 from .attention import enable
-from .masks import ChannelMask, binarize, kv_shape
+from .masks import ChannelMask, binarize, hybrid_layers, kv_shape
 
 
 @torch.no_grad()
 def channel_magnitudes(
     model, batches: Iterable[torch.Tensor], *, last_queries: int | None = None, progress: bool = True
 ) -> torch.Tensor:
-    """Score ``[layers, kv_heads, head_dim]`` (float32, CPU) from token batches ``[B, T]``.
+    """Score ``[layers, kv_heads, head_dim]`` (float32, CPU) from token batches ``[B, T]``; row ``i``
+    is the ``i``-th compressed layer (a hybrid model's sliding-window layers are not scored).
 
     ``last_queries``: use only the last that many query positions of each batch (queries
     that behave like decode steps); keys always use every position.
@@ -34,8 +36,12 @@ def channel_magnitudes(
     layers, kv_heads, head_dim = kv_shape(model.config)
     q_sq = torch.zeros(layers, kv_heads, head_dim, dtype=torch.float64)
     k_sq = torch.zeros_like(q_sq)
+    row_of = {layer: row for row, layer in enumerate(compressed_layers(model.config))}
 
     def observe(layer_idx: int, query: torch.Tensor, key: torch.Tensor) -> None:
+        if layer_idx not in row_of:
+            return
+        layer_idx = row_of[layer_idx]
         if last_queries:
             query = query[:, :, -last_queries:]
         q = query.float().view(query.shape[0], kv_heads, -1, query.shape[2], head_dim)
@@ -58,5 +64,5 @@ def magnitude_mask(
     method = "magnitude-per-head" if per_head else "magnitude"
     return binarize(
         scores, sparsity=sparsity, alignment=alignment, per_head=per_head, method=method, model=model_name,
-        info=dict(info or {}),
+        layers=hybrid_layers(model.config), info=dict(info or {}),
     )

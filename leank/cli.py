@@ -18,6 +18,14 @@ from .errors import LeanKError
 def _info(args) -> int:
     from .masks import ChannelMask
 
+    if (args.mask is None) == (args.model is None):
+        raise LeanKError("pass a mask file or --model MODEL (the bundled mask picked for that model), not both")
+    if args.model is not None:
+        from .resources import bundled_mask_path
+
+        args.mask = str(bundled_mask_path(args.model))
+        if not args.json:
+            print(f"bundled mask for {args.model}:")
     mask = ChannelMask.load(args.mask)
     s = mask.summary()
     # Metadata the file lacks (the authors' masks have none) is shown as the library default, marked so.
@@ -32,6 +40,8 @@ def _info(args) -> int:
         note = "" if key not in missing else " (not in the file)" if key in ("model", "method") else \
             " (not in the file: library default)"
         print(f"  {key:<28} {s[key]}{note}")
+    if mask.layers is not None:
+        print(f"  {'compressed model layers':<28} {list(mask.layers)} (the others are not compressed)")
     print(f"  {'K channels pruned':<28} {mask.sparsity:.2%}")
     print(f"  {'KV heads fully pruned':<28} {mask.fully_pruned_heads}/{s['total_heads']}")
     print(f"  {'heads by kept count':<28} {s['heads_by_kept_count']}")
@@ -124,8 +134,10 @@ def build_parser(command: str | None = ALL) -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.set_defaults(run=_demo)
 
-    p = sub.add_parser("info", help="statistics of a mask file")
-    p.add_argument("mask")
+    p = sub.add_parser("info", help="statistics of a mask file (or of the bundled mask for --model)")
+    p.add_argument("mask", nargs="?")
+    p.add_argument("--model", default=None,
+                   help="alias, hub id, or model directory: show the bundled mask LeanK picks for it")
     p.add_argument("--json", action="store_true")
     p.set_defaults(run=_info)
 

@@ -31,6 +31,10 @@ Prompt queries (prefill) see every prompt key in full: that is the method's pref
     ``mid_v`` ``[B, slots * n_v * D]``: head ``h`` with ``c > 0`` stores slot ``i`` at
     ``head_voff[h] * slots * D + i * D``. Heads keeping nothing store no middle token.
 
+**The scores** are the model's: ``scaling`` as the model passes it, then soft-capping
+(:func:`capped`) when the model caps, and learned sinks (one logit per query head that
+joins the softmax denominator and carries no value) when it has them.
+
 In a decode step the new token has already been written (``seen`` counts it), so its
 query ``t = seen - 1`` sees the whole ring in full and sink/middle as stored. Lengths
 live in device tensors (``seen``, ``c0``, ``pads``), so a step needs no host value and a
@@ -51,6 +55,11 @@ def in_full(key_pos: torch.Tensor, query_pos: torch.Tensor, pads: torch.Tensor, 
     first = (key_pos[None, :] - pads[:, None]) < sink  # [B, T]
     recent_keys = (query_pos[:, None] - key_pos[None, :]) <= recent  # [q, T]
     return first[:, None, :] | recent_keys[None]
+
+
+def capped(scores: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    """Soft-capped scaled scores ``softcap * tanh(scores / softcap)`` (unchanged for None or 0)."""
+    return softcap * torch.tanh(scores / softcap) if softcap else scores
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,6 @@ import torch
 from transformers import DynamicCache
 
 from .cache import LeanKCache, cache_kwargs, dense_cache_nbytes
-from .errors import LeanKError
 from .masks import ChannelMask
 from .models import load_model
 from .resources import bundled_mask_path
@@ -50,14 +49,9 @@ def run_demo(
     """Run both caches on one sample; returns the two runs, the mask, the LeanK cache and the prompt length."""
     from .data.tasks import generate_task
     from .models import check_device, check_length
-    from .resources import BUNDLED_MASKS
-
-    if mask_path is None and model_name not in BUNDLED_MASKS:
-        raise LeanKError(f"no bundled mask for {model_name!r} (bundled: {', '.join(BUNDLED_MASKS)}): pass --mask "
-                         "FILE, a mask for this model made with `leank train` or `leank calibrate`")
+    mask = ChannelMask.load(mask_path or bundled_mask_path(model_name))  # a clear error when none fits
     check_length(None, length)  # positive; the model's context is checked once it is loaded
     check_device(device)
-    mask = ChannelMask.load(mask_path or bundled_mask_path(model_name))
     model, tokenizer = load_model(model_name, device=device)
     mask.check_config(model.config)
     check_length(model, length + max_new_tokens, "--length plus the answer")

@@ -1,9 +1,10 @@
 """LeanK channel masks: which post-RoPE K channels each (layer, KV head) keeps.
 
 A ``ChannelMask`` is a bool tensor ``[layers, kv_heads, head_dim]`` (True = kept) plus
-metadata: the model it was learned for, the alignment of per-head kept counts, the sink
-and recent sizes it was trained with, and how it was made. It saves to ``.safetensors``
-(one tensor ``mask``, uint8, metadata as JSON strings) atomically, and also loads the
+metadata: the model layers its rows compress (``layers``: the full-attention layers of a
+hybrid model; None = every layer, in order), the model it was learned for, the alignment
+of per-head kept counts, the sink and recent sizes it was trained with, and how it was made.
+It saves to ``.safetensors`` (one tensor ``mask``, uint8, metadata as JSON strings) atomically, and also loads the
 authors' released masks (a bare ``mask`` tensor, no metadata).
 
     mask = ChannelMask.load("smollm2.leank-mask.safetensors")
@@ -25,14 +26,23 @@ import torch
 
 from ._defaults import DEFAULT_RECENT, DEFAULT_SINK
 from ._io import atomic_write
+from .architectures import compressed_layers, text_config
 from .errors import LeanKError
 
 
 def kv_shape(config) -> tuple[int, int, int]:
-    """``(layers, kv_heads, head_dim)`` of a transformers config: the shape of its masks."""
+    """``(layers, kv_heads, head_dim)`` of a transformers config's masks: ``layers`` counts the
+    layers LeanK compresses (every layer, or a hybrid model's full-attention layers)."""
+    config = text_config(config)
     kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    return config.num_hidden_layers, kv_heads, head_dim
+    return len(compressed_layers(config)), kv_heads, head_dim
+
+
+def hybrid_layers(config) -> tuple[int, ...] | None:
+    """The compressed layers of a hybrid model (a mask's ``layers`` metadata), None when all are."""
+    layers = compressed_layers(config)
+    return None if len(layers) == text_config(config).num_hidden_layers else layers
 
 
 def check_sparsity(sparsity) -> float:
@@ -77,6 +87,7 @@ class ChannelMask:
     recent: int = DEFAULT_RECENT
     method: str = "unknown"
     info: dict = field(default_factory=dict)
+    layers: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         kept = self.kept
@@ -91,6 +102,12 @@ class ChannelMask:
         object.__setattr__(self, "kept", kept.detach().to("cpu", torch.bool).contiguous())
         check_alignment(self.alignment, self.head_dim)
         check_window(self.sink, self.recent)
+        if self.layers is not None:
+            layers = tuple(int(i) for i in self.layers)
+            if len(layers) != kept.shape[0] or sorted(set(layers)) != list(layers) or min(layers, default=0) < 0:
+                raise LeanKError(f"mask layers {list(layers)} must be {kept.shape[0]} ascending model layer "
+                                 "indices, one per mask row")
+            object.__setattr__(self, "layers", layers)
 
     # ---- shape ---------------------------------------------------------------
     @property
@@ -104,6 +121,11 @@ class ChannelMask:
     @property
     def head_dim(self) -> int:
         return self.kept.shape[2]
+
+    @property
+    def model_layers(self) -> tuple[int, ...]:
+        """The model layer of each row: ``layers``, or ``0 .. num_layers - 1``."""
+        return self.layers if self.layers is not None else tuple(range(self.num_layers))
 
     # ---- statistics ----------------------------------------------------------
     @property
@@ -146,6 +168,7 @@ class ChannelMask:
             "alignment": self.alignment,
             "sink": self.sink,
             "recent": self.recent,
+            **({"layers": list(self.layers)} if self.layers is not None else {}),
             "sparsity": round(self.sparsity, 6),
             "fully_pruned_heads": self.fully_pruned_heads,
             "total_heads": self.num_layers * self.num_kv_heads,
@@ -177,10 +200,17 @@ class ChannelMask:
         """Raise a ``LeanKError`` unless this mask fits a transformers model config."""
         expected = kv_shape(config)
         if tuple(self.kept.shape) != expected:
+            hybrid = hybrid_layers(config)
+            where = f" (its {expected[0]} full-attention layers {list(hybrid)})" if hybrid else ""
             raise LeanKError(
                 f"mask shape {tuple(self.kept.shape)} (layers, kv_heads, head_dim) does not match the model's "
-                f"{expected}: this mask was made for {self.model or 'another model'}; use a mask for this model "
-                "or make one with `leank train`"
+                f"{expected}{where}: this mask was made for {self.model or 'another model'}; use a mask for this "
+                "model or make one with `leank train`"
+            )
+        if self.layers is not None and self.layers != compressed_layers(config):
+            raise LeanKError(
+                f"this mask compresses layers {list(self.layers)}, but the model's full-attention layers are "
+                f"{list(compressed_layers(config))}: use a mask made for this model"
             )
 
     # ---- persistence ---------------------------------------------------------
@@ -197,6 +227,7 @@ class ChannelMask:
             "method": self.method,
             "sparsity": f"{self.sparsity:.6f}",
             "info": json.dumps(self.info, sort_keys=True),
+            **({"layers": json.dumps(list(self.layers))} if self.layers is not None else {}),
         }
         tensors = {"mask": self.kept.to(torch.uint8)}
         return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
@@ -229,6 +260,7 @@ class ChannelMask:
                 recent=int(meta.get("recent", DEFAULT_RECENT)),
                 method=meta.get("method", "unknown"),
                 info=info,
+                layers=tuple(json.loads(meta["layers"])) if meta.get("layers") else None,
             )
         except LeanKError as e:
             raise LeanKError(f"{path}: {e}") from None
@@ -317,7 +349,7 @@ def with_count_distribution(scores: torch.Tensor, fractions: dict[int, float], *
     return ChannelMask(mask_from_counts(scores, counts.view(scores.shape[:2])), **meta)
 
 
-# Kept-count distribution of the authors' Llama-3.1-8B-Instruct mask (benchmarks/masks/),
+# Kept-count distribution of the authors' Llama-3.1-8B-Instruct mask (leank/masks/),
 # as fractions of head_dim: 0, 1/4, 1/2, 3/4 kept for 47, 120, 67, 22 of 256 heads.
 AUTHORS_LLAMA_DISTRIBUTION = {0: 47 / 256, 1: 120 / 256, 2: 67 / 256, 3: 22 / 256}
 

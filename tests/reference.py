@@ -4,8 +4,13 @@ One forward pass over the whole generated sequence, with an eager attention writ
 from the definition: prompt queries attend densely; a decode query at position ``t``
 sees every real key ``p <= t`` of its row at full precision when ``p`` is among the
 row's first ``sink`` real tokens or ``t - p <= recent``, and otherwise through the kept
-channels of its KV head only (not at all when the head keeps none). The rule is written
-out here, not imported from the library. Everything is computed in float64.
+channels of its KV head only (not at all when the head keeps none). Layers without a mask
+row (a hybrid model's sliding-window layers) attend densely. The model's own terms are
+applied as it passes them: ``scaling``, soft-capping ``cap * tanh(s / cap)`` (``softcap``),
+a sliding window (query ``t`` sees ``p`` only when ``t - p < window``: ``sliding_window``)
+and learned sinks (``s_aux``: one more logit per query head in the softmax, no value).
+The rule is written out here, not imported from the library. Everything is computed in
+float64.
 """
 
 from __future__ import annotations
@@ -18,17 +23,22 @@ NAME = "leank_test_reference"
 
 def _reference_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     plan = kwargs["leank_reference_plan"]
-    kept = plan["kept"][module.layer_idx].to(torch.float64)  # [H, D]
     pads, prompt_len, sink, recent = plan["pads"], plan["prompt_len"], plan["sink"], plan["recent"]
     B, Hq, T, D = query.shape
     H = key.shape[1]
     G = Hq // H
+    kept = plan["kept"].get(module.layer_idx)  # [H, D], None: a dense layer
+    dense = kept is None
+    kept = torch.ones(H, D, dtype=torch.float64) if dense else kept.to(torch.float64)
+    window, softcap, sinks = kwargs.get("sliding_window"), kwargs.get("softcap"), kwargs.get("s_aux")
     q = query.double()
     k = key.double().repeat_interleave(G, dim=1)
     v = value.double().repeat_interleave(G, dim=1)
     kept_q = kept.repeat_interleave(G, dim=0)  # [Hq, D]
     full = torch.einsum("bhtd,bhpd->bhtp", q, k) * scaling
     masked = torch.einsum("bhtd,bhpd->bhtp", q, k * kept_q[None, :, None, :]) * scaling
+    if softcap is not None:
+        full, masked = softcap * torch.tanh(full / softcap), softcap * torch.tanh(masked / softcap)
 
     t = torch.arange(T)[:, None]
     p = torch.arange(T)[None, :]
@@ -37,11 +47,15 @@ def _reference_attention(module, query, key, value, attention_mask, scaling=None
     head_has_channels = (kept_q.sum(-1) > 0)[None, :, None, None]
     for b, pad in enumerate(pads):
         real = (p >= pad) & (p <= t)
-        is_full = (t < prompt_len) | (p - pad < sink) | (t - p <= recent)
+        if window is not None:
+            real = real & (t - p < window)
+        is_full = (t < prompt_len) | (p - pad < sink) | (t - p <= recent) | dense
         use_full[b, 0] = is_full
         visible[b] = real & (is_full | head_has_channels[0])
     scores = torch.where(use_full, full, masked).masked_fill(~visible, float("-inf"))
-    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # pad query rows see nothing
+    if sinks is not None:
+        scores = torch.cat([scores, sinks.double().view(1, Hq, 1, 1).expand(B, Hq, T, 1)], -1)
+    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)[..., :T]  # pad query rows see nothing
     out = torch.einsum("bhtp,bhpd->bhtd", probs, v).to(query.dtype)
     return out.transpose(1, 2).contiguous(), None
 
@@ -49,15 +63,18 @@ def _reference_attention(module, query, key, value, attention_mask, scaling=None
 AttentionInterface.register(NAME, _reference_attention)
 
 
-def reference_logits(model, sequences, attention_mask, *, kept, prompt_len, sink, recent):
-    """Logits ``[B, T, V]`` of the masked-dense reference for full ``sequences`` ``[B, T]``."""
+def reference_logits(model, sequences, attention_mask, *, kept, prompt_len, sink, recent, layers=None):
+    """Logits ``[B, T, V]`` of the masked-dense reference for full ``sequences`` ``[B, T]``.
+    ``kept`` ``[rows, H, D]``: row ``i`` is model layer ``layers[i]`` (default: layer ``i``)."""
+    layers = range(len(kept)) if layers is None else layers
     pads = (attention_mask[:, :prompt_len] == 0).sum(-1).tolist()
     full_mask = torch.cat(
         [attention_mask, attention_mask.new_ones(sequences.shape[0], sequences.shape[1] - prompt_len)], dim=1
     )
     position_ids = (full_mask.cumsum(-1) - 1).clamp(min=0)
     plan = {
-        "kept": kept, "pads": pads, "prompt_len": prompt_len, "sink": sink, "recent": recent,
+        "kept": dict(zip(layers, kept, strict=True)), "pads": pads, "prompt_len": prompt_len, "sink": sink,
+        "recent": recent,
     }
     previous = model.config._attn_implementation
     model.set_attn_implementation(NAME)

@@ -178,3 +178,15 @@ def test_errors(files):
         cli(["analyze", str(files / "a.safetensors"), "--out", str(files / "file")])
     with pytest.raises(LeanKError, match="odd head_dim"):
         as_source(ChannelMask(torch.ones(1, 1, 7, dtype=torch.bool)))
+
+
+def test_hybrid_mask_analysis(tmp_path):
+    """A hybrid model's mask: the summary and plots name the model layers its rows compress."""
+    from leank.analysis import from_mask, plot_comparison, plot_heads, summary
+
+    gen = torch.Generator().manual_seed(0)
+    a = ChannelMask.random(2, 2, 16, sparsity=0.5, alignment=4, generator=gen, layers=(1, 3))
+    b = ChannelMask.random(2, 2, 16, sparsity=0.5, alignment=4, generator=gen, layers=(1, 3))
+    assert summary(from_mask(a))["mask"]["model_layers"] == [1, 3]
+    assert plot_heads(from_mask(a), tmp_path / "heads.png").stat().st_size > 0
+    assert plot_comparison(from_mask(a), from_mask(b), tmp_path / "cmp.png").stat().st_size > 0

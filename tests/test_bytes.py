@@ -117,3 +117,32 @@ def test_fully_pruned_heads_store_no_middle_values():
     slots = layer.capacity + 1
     assert layer.mid_k.shape == (1, slots * 8)  # one head's 8 channels per token
     assert layer.mid_v.shape == (1, slots * 16)  # and that head's V only
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_hybrid_model_accounting(static):
+    """Gemma 3 (sliding, full, sliding, full): the sliding layers are transformers' own, counted
+    alike in allocated, ideal and dense bytes; the compressed layers as in a plain model; the
+    dense figure equals transformers' default cache for the same generation."""
+    from transformers import DynamicCache
+
+    from leank.cache import dense_cache_nbytes
+
+    model = tiny_model("gemma3", layers=4, head_dim=32)
+    gen = torch.Generator().manual_seed(torch.seed() % 2**31)
+    ids, am = left_padded([40, 25], 97, gen)
+    mask = leank.ChannelMask.random(2, 2, 32, sparsity=0.6, alignment=8, generator=gen, layers=(1, 3))
+    dense = DynamicCache(config=model.config)
+    model.generate(input_ids=ids, attention_mask=am, max_new_tokens=10, min_new_tokens=10, do_sample=False,
+                   pad_token_id=0, **leank.cache_kwargs(dense))
+    cache = prefill_and_decode(model, mask, ids, am, 10, sink=4, recent=8, max_length=50 if static else None)
+    sliding = [cache.layers[i] for i in (0, 2)]
+    assert cache.compressed == (1, 3) and all(type(layer).__name__.endswith("SlidingWindowLayer") for layer in sliding)
+    sliding_bytes = sum(2 * layer.keys.numel() * layer.keys.element_size() for layer in sliding)
+    leank_layers = cache.leank_layers()
+    assert cache.nbytes() == sum(layer.nbytes() for layer in leank_layers) + sliding_bytes
+    assert cache.nbytes() - cache.ideal_nbytes() == sum(cache.overhead_nbytes().values())
+    if not static:  # a static sliding layer holds its whole window from the start
+        assert cache.dense_nbytes() == dense_cache_nbytes(dense)
+    ideal = independent_ideal(mask, [49, 34], None, 4, 8, 32, 4) + sliding_bytes  # the last token is not stored
+    assert cache.ideal_nbytes() == ideal

@@ -20,7 +20,8 @@ def mask_with_counts(layers: int, kv_heads: int, head_dim: int, counts, generato
     return leank.ChannelMask(mask_from_counts(scores, counts))
 
 
-def run_and_compare(model, mask, ids, attention_mask, *, sink, recent, new_tokens, tol=1e-5, max_length=None):
+def run_and_compare(model, mask, ids, attention_mask, *, sink, recent, new_tokens, tol=1e-5, max_length=None,
+                    layers=None):
     leank.enable(model)
     cache = leank.LeanKCache(model, mask, sink=sink, recent=recent, max_length=max_length)
     out = model.generate(
@@ -32,7 +33,7 @@ def run_and_compare(model, mask, ids, attention_mask, *, sink, recent, new_token
     prompt_len = ids.shape[1]
     ref = reference_logits(
         model, out.sequences, attention_mask, kept=mask.kept, prompt_len=prompt_len,
-        sink=sink, recent=recent,
+        sink=sink, recent=recent, layers=layers,
     )[:, prompt_len - 1 : prompt_len - 1 + new_tokens]
     err = (got - ref).abs().max().item()
     assert err <= tol, f"max |logit - reference| = {err:.3g}"
@@ -144,3 +145,30 @@ def test_decode_attention_direct(backend):
             p = torch.softmax(s.masked_fill(~visible, float("-inf")), 0)
             expected = p @ V[b, h]
             torch.testing.assert_close(out[b, hq, 0].double(), expected, atol=1e-5, rtol=1e-5)
+
+
+def full_attention_layers(config) -> list[int]:
+    """Written out from the config (not from the library): layers without a sliding window."""
+    types = getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers
+    return [i for i, t in enumerate(types) if t == "full_attention"]
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_every_architecture_matches_reference(arch, static):
+    """Random masks on each architecture (its scaling, soft-capping, sinks and sliding-window
+    layers included): decode logits within 1e-5 of the float64 reference while 40 decoded
+    tokens move through the ring into the middle store."""
+    gen = torch.Generator().manual_seed(torch.seed() % 2**31)
+    head_dim = 96 if arch == "phi3" else 32
+    model = tiny_model(arch, layers=2, kv_heads=2, head_dim=head_dim, qk_gain=3.0)
+    layers = full_attention_layers(model.config)
+    counts = torch.randint(0, head_dim // 8 + 1, (len(layers), 2), generator=gen) * 8
+    counts[0, 0], counts[-1, -1] = 0, head_dim // 2  # an empty head and a partial one, always
+    mask = mask_with_counts(len(layers), 2, head_dim, counts, gen)
+    if len(layers) < model.config.num_hidden_layers:
+        mask = mask.with_meta(layers=tuple(layers))
+    ids, am = left_padded([40, 23, 31], 97, gen)
+    cache, _, _ = run_and_compare(model, mask, ids, am, sink=4, recent=8, new_tokens=40, layers=layers,
+                                  max_length=80 if static else None)
+    assert cache.compressed == tuple(layers)
+    assert cache.leank_layers()[0].middle_length() >= 40

@@ -86,10 +86,37 @@ def test_unsupported_architecture():
 
 
 def test_mistral_sliding_window_refused():
+    """Every layer slides (a window shorter than the context): nothing to compress."""
     from transformers import MistralConfig
 
-    with pytest.raises(LeanKError, match="sliding-window attention") as e:
-        leank.models.check_supported(MistralConfig(sliding_window=4096))
+    with pytest.raises(LeanKError, match="every layer of this Mistral config uses sliding-window attention") as e:
+        leank.models.check_supported(MistralConfig(sliding_window=4096, max_position_embeddings=32768))
+    one_line(e)
+    leank.models.check_supported(MistralConfig(sliding_window=32768, max_position_embeddings=32768))  # = full
+
+
+def test_unsupported_architecture_names_the_reason():
+    from transformers import PretrainedConfig
+
+    config = PretrainedConfig()
+    config.model_type = "deepseek_v3"
+    with pytest.raises(LeanKError, match="'deepseek_v3' is not supported by LeanK: its multi-head latent") as e:
+        leank.models.check_supported(config)
+    one_line(e)
+
+
+def test_mask_for_the_wrong_layers_of_a_hybrid_model():
+    model = tiny_model("gemma2", layers=4)  # layers 1 and 3 are full attention
+    leank.enable(model)
+    with pytest.raises(LeanKError, match=r"\(its 2 full-attention layers \[1, 3\]\)") as e:
+        leank.LeanKCache(model, ChannelMask.full(4, 2, 16))
+    one_line(e)
+    with pytest.raises(LeanKError, match=r"compresses layers \[0, 2\], but the model's full-attention layers "
+                                         r"are \[1, 3\]") as e:
+        leank.LeanKCache(model, ChannelMask.full(2, 2, 16, layers=(0, 2)))
+    one_line(e)
+    with pytest.raises(LeanKError, match="ascending model layer indices") as e:
+        ChannelMask.full(2, 2, 16, layers=(3, 1))
     one_line(e)
 
 

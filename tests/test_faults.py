@@ -34,7 +34,7 @@ from leank.masks import ChannelMask
 from .train.test_train import tiny_dir  # noqa: F401  (module fixture: tiny Llama + SmolLM2 tokenizer on disk)
 
 ROOT = Path(__file__).resolve().parents[1]
-AUTHORS_MASK = ROOT / "benchmarks" / "masks" / "llama3.1-8b-instruct.leank-mask.safetensors"
+AUTHORS_MASK = ROOT / "leank" / "masks" / "llama3.1-8b-instruct.leank-mask.safetensors"
 NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a torch without a usable GPU")
 
 

@@ -7,38 +7,41 @@ import torch
 from transformers import DynamicCache
 
 import leank
+from leank.masks import hybrid_layers, kv_shape
 
 from .conftest import left_padded, tiny_model
 
 
 def generate_both(model, ids, attention_mask, *, sink=3, recent=5, max_length=None, **gen_kwargs):
+    """The model's own default cache and attention (SDPA, or eager where that is its default)
+    against LeanK with an all-kept mask, from the same seed."""
     kwargs = dict(input_ids=ids, attention_mask=attention_mask, pad_token_id=0, **gen_kwargs)
-    model.set_attn_implementation("sdpa")
+    default_attn = model.config._attn_implementation
     seed = torch.seed()
     torch.manual_seed(seed)
-    dense = model.generate(**kwargs, **leank.cache_kwargs(DynamicCache()))
+    dense = model.generate(**kwargs, **leank.cache_kwargs(DynamicCache(config=model.config)))
     leank.enable(model)
-    cfg = model.config
-    mask = leank.ChannelMask.full(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim)
+    mask = leank.ChannelMask.full(*kv_shape(model.config), layers=hybrid_layers(model.config))
     cache = leank.LeanKCache(model, mask, sink=sink, recent=recent, max_length=max_length)
     torch.manual_seed(seed)
     ours = model.generate(**kwargs, **leank.cache_kwargs(cache))
+    model.set_attn_implementation(default_attn)
     return dense, ours, cache
 
 
 def test_greedy_32_tokens(arch):
-    model = tiny_model(arch, qk_gain=3.0)
+    model = tiny_model(arch, qk_gain=3.0, head_dim=96 if arch == "phi3" else 16)
     gen = torch.Generator().manual_seed(torch.seed() % 2**31)
     ids, am = left_padded([45], 97, gen)
     dense, ours, cache = generate_both(model, ids, am, max_new_tokens=32, min_new_tokens=32, do_sample=False)
     assert torch.equal(dense, ours)
     assert cache.get_seq_length() == 45 + 31  # the last token is sampled, never fed back
-    assert cache.layers[0].middle_length() > 0
+    assert cache.leank_layers()[0].middle_length() > 0
 
 
 @pytest.mark.parametrize("static", [False, True])
 def test_left_padded_batch_of_3(arch, static):
-    model = tiny_model(arch, qk_gain=3.0)
+    model = tiny_model(arch, qk_gain=3.0, head_dim=96 if arch == "phi3" else 16)
     gen = torch.Generator().manual_seed(torch.seed() % 2**31)
     ids, am = left_padded([30, 17, 4], 97, gen)
     dense, ours, _ = generate_both(model, ids, am, max_new_tokens=32, min_new_tokens=32, do_sample=False,
@@ -48,7 +51,7 @@ def test_left_padded_batch_of_3(arch, static):
 
 @pytest.mark.parametrize("static", [False, True])
 def test_beam_search_2(arch, static):
-    model = tiny_model(arch, qk_gain=3.0)
+    model = tiny_model(arch, qk_gain=3.0, head_dim=96 if arch == "phi3" else 16)
     gen = torch.Generator().manual_seed(torch.seed() % 2**31)
     ids, am = left_padded([25, 19], 97, gen)
     dense, ours, _ = generate_both(

@@ -71,8 +71,9 @@ class History:
             visible[b] = (p >= pad) & (full | has_channels[:, None])
         return use_full, visible
 
-    def attention(self, query: torch.Tensor, scaling: float, dtype) -> torch.Tensor:
-        """Masked dense attention of ``query`` [B, Hq, 1, D] in ``dtype`` (float64: the reference)."""
+    def attention(self, query: torch.Tensor, scaling: float, dtype, softcap=None, sinks=None) -> torch.Tensor:
+        """Masked dense attention of ``query`` [B, Hq, 1, D] in ``dtype`` (float64: the reference),
+        with soft-capping ``cap * tanh(s / cap)`` and learned sink logits ``sinks`` [Hq] when given."""
         B, H, T, D = self.k.shape
         G = query.shape[1] // H
         use_full, visible = self.visibility()
@@ -81,17 +82,25 @@ class History:
         k_eff = torch.where(use_full[..., None], k, k_masked).repeat_interleave(G, 1)
         v = self.v.to(dtype).repeat_interleave(G, 1)
         attn_mask = visible.repeat_interleave(G, 1)[:, :, None, :]
-        return F.scaled_dot_product_attention(query.to(dtype), k_eff, v, attn_mask=attn_mask, scale=scaling)
+        if softcap is None and sinks is None:
+            return F.scaled_dot_product_attention(query.to(dtype), k_eff, v, attn_mask=attn_mask, scale=scaling)
+        s = query.to(dtype) @ k_eff.transpose(-1, -2) * scaling  # [B, Hq, 1, T]
+        if softcap is not None:
+            s = softcap * torch.tanh(s / softcap)
+        s = s.masked_fill(~attn_mask, float("-inf"))
+        if sinks is not None:
+            s = torch.cat([s, sinks.to(dtype).view(1, -1, 1, 1).expand(B, -1, 1, 1)], -1)
+        return torch.softmax(s.float() if dtype != torch.float64 else s, -1)[..., :T].to(dtype) @ v
 
 
 def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
     return ((x.double() - ref).abs().max() / ref.abs().max()).item()
 
 
-def check_step(hist: History, query: torch.Tensor, out: torch.Tensor, dtype) -> None:
-    scaling = 1 / math.sqrt(query.shape[-1])
-    ref = hist.attention(query, scaling, torch.float64)
-    same = hist.attention(query, scaling, dtype)
+def check_step(hist: History, query: torch.Tensor, out: torch.Tensor, dtype, scaling, softcap=None,
+               sinks=None) -> None:
+    ref = hist.attention(query, scaling, torch.float64, softcap, sinks)
+    same = hist.attention(query, scaling, dtype, softcap, sinks)
     assert torch.isfinite(out).all(), "unwritten or NaN outputs"
     err, err_same = rel_err(out, ref), rel_err(same, ref)
     # fp16/bf16: at most ~2x a same-dtype SDPA's error. fp32: the exp2 online softmax and
@@ -99,19 +108,22 @@ def check_step(hist: History, query: torch.Tensor, out: torch.Tensor, dtype) -> 
     assert err <= 2 * err_same + (1e-5 if dtype == torch.float32 else 1e-6), (err, err_same)
 
 
-def run_case(*, B, H, G, D, counts, sink, recent, pads, prompt, steps, dtype, programs, seed, max_length=None):
+def run_case(*, B, H, G, D, counts, sink, recent, pads, prompt, steps, dtype, programs, seed, max_length=None,
+             scaling=None, softcap=None, sinks=False):
     gen = torch.Generator().manual_seed(seed)
     kept = random_kept(H, D, counts, gen)
     hist = History(B=B, H=H, D=D, kept=kept, sink=sink, recent=recent, pads=pads, prompt=prompt,
                    dtype=dtype, gen=gen, max_length=max_length)
-    scaling = 1 / math.sqrt(D)
+    scaling = 1 / math.sqrt(D) if scaling is None else scaling
+    sink_logits = (torch.randn(H * G, generator=gen) * 2).to(DEVICE) if sinks else None
     moved = False
     for _ in range(steps):
         hist.step()
         query = hist._rand(B, H * G, 1, D)
         out = torch.full((B, H * G, 1, D), float("nan"), dtype=dtype, device=DEVICE)  # poisoned
-        td.decode_attention_triton(query, hist.layer.view, scaling, out=out, programs=programs)
-        check_step(hist, query, out, dtype)
+        td.decode_attention_triton(query, hist.layer.view, scaling, softcap=softcap, sinks=sink_logits, out=out,
+                                   programs=programs)
+        check_step(hist, query, out, dtype, scaling, softcap, sink_logits)
         moved |= hist.layer.middle_length() > 0
     assert moved, "the case never used the compressed middle store"
 
@@ -129,8 +141,17 @@ def run_case(*, B, H, G, D, counts, sink, recent, pads, prompt, steps, dtype, pr
         # unaligned counts (any alignment is correct, only slower), G=1, many splits
         dict(B=3, H=3, G=1, D=64, counts=[5, 23, 0], sink=2, recent=5, pads=[7, 0, 60], prompt=141,
              steps=3, programs=512),
+        # D 96 (Phi-3; padded to 128 lanes), a head keeping 96 (the padded tile) and one keeping 80
+        dict(B=2, H=3, G=2, D=96, counts=[96, 0, 80], sink=3, recent=6, pads=[0, 9], prompt=90,
+             steps=3, programs=512),
+        # D 256 (Gemma), soft-capping and a scaling other than 1/sqrt(D) (Gemma 2)
+        dict(B=2, H=2, G=2, D=256, counts=[64, 192], sink=2, recent=5, pads=[4, 0], prompt=70,
+             steps=3, programs=256, scaling=0.2, softcap=3.0),
+        # learned sinks (GPT-OSS), G=4
+        dict(B=2, H=2, G=4, D=64, counts=[0, 32], sink=2, recent=4, pads=[0, 12], prompt=60,
+             steps=3, programs=256, sinks=True),
     ],
-    ids=["d64-align16", "d128-align32", "unaligned"],
+    ids=["d64-align16", "d128-align32", "unaligned", "d96", "d256-softcap", "sinks"],
 )
 def test_kernel_matches_reference(case, dtype):
     run_case(**case, dtype=dtype, seed=torch.seed() % 2**31)
@@ -286,5 +307,5 @@ def test_cuda_graph_replay_across_steps(dtype):
         v_in.copy_(v)
         q_in.copy_(hist._rand(B, H * G, 1, D))
         graph.replay()
-        check_step(hist, q_in, out, dtype)
+        check_step(hist, q_in, out, dtype, 1 / math.sqrt(D))
     assert layer.middle_length() == moved_before + 40

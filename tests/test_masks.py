@@ -10,8 +10,8 @@ import torch
 import leank
 from leank.masks import ChannelMask, binarize
 
-# The authors' released masks, copied into the repository (benchmarks/masks/README.md: source, licence).
-REFERENCE = Path(__file__).resolve().parents[1] / "benchmarks" / "masks"
+# The authors' released masks, shipped in the package (leank/masks/README.md: source, licence).
+REFERENCE = Path(__file__).resolve().parents[1] / "leank" / "masks"
 
 
 def reference_binarize(scores, sparsity, alignment):
@@ -203,3 +203,66 @@ def test_nan_scores_refused():
     scores[1, 0, 3] = float("nan")
     with pytest.raises(leank.LeanKError, match="NaN"):
         binarize(scores, sparsity=0.5)
+
+
+def test_hybrid_model_calibration_and_metadata(tmp_path, capsys):
+    """A magnitude mask for a hybrid model covers its full-attention layers only, records them,
+    survives a save/load, and `leank info` shows them."""
+    from leank.calibrate import channel_magnitudes, magnitude_mask
+    from leank.cli import main
+
+    from .conftest import tiny_model
+
+    model = tiny_model("gemma2", layers=4, qk_gain=3.0)  # layers 1 and 3 are full attention
+    batches = [torch.randint(3, 97, (2, 6))]  # within the window: layer types change no activation
+    scores = channel_magnitudes(model, batches, progress=False)
+    model.config.layer_types = ["full_attention"] * 4  # every layer scored: rows 1 and 3 must be layers 1, 3
+    every = channel_magnitudes(model, batches, progress=False)
+    model.config.layer_types = ["sliding_attention", "full_attention"] * 2
+    torch.testing.assert_close(scores, every[[1, 3]])
+    mask = magnitude_mask(model, batches, sparsity=0.5, alignment=4, progress=False)
+    assert mask.layers == (1, 3) and mask.kept.shape == (2, 2, 16)
+    path = mask.save(tmp_path / "m.safetensors")
+    assert ChannelMask.load(path).layers == (1, 3)
+    leank.LeanKCache(model, ChannelMask.load(path))
+    assert main(["info", str(path)]) == 0
+    assert "compressed model layers      [1, 3]" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name, alias", [
+    ("meta-llama/Llama-3.1-8B-Instruct", "llama-3.1-8b-instruct"),
+    ("meta-llama/Meta-Llama-3.1-8B-Instruct", "llama-3.1-8b-instruct"),
+    ("/models/Qwen2.5-7B-Instruct/", "qwen2.5-7b-instruct"),
+    ("HuggingFaceTB/SmolLM2-135M-Instruct", "smollm2-135m"),
+    ("smollm2-135m", "smollm2-135m"),
+])
+def test_bundled_mask_picked_by_name(name, alias):
+    from leank.resources import bundled_model
+
+    assert bundled_model(name) == alias
+    assert leank.bundled_mask_path(name).is_file()
+
+
+def test_bundled_mask_picked_by_config_shape_and_fits(tmp_path):
+    """A config with no known name is matched by its shape (here Qwen2.5-7B's), and the mask
+    picked fits it; a model of no bundled shape gets one clear error naming what exists."""
+    from transformers import LlamaConfig, Qwen2Config
+
+    from leank.cli import main
+    from leank.resources import bundled_model
+
+    qwen = Qwen2Config(hidden_size=3584, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
+                       vocab_size=152064, intermediate_size=18944, max_position_embeddings=32768)
+    qwen._name_or_path = "my-finetune"
+    assert bundled_model(qwen) == "qwen2.5-7b-instruct"
+    ChannelMask.load(leank.bundled_mask_path(qwen)).check_config(qwen)
+    qwen.save_pretrained(tmp_path / "my-finetune")
+    assert bundled_model(str(tmp_path / "my-finetune")) == "qwen2.5-7b-instruct"
+    assert main(["info", "--model", str(tmp_path / "my-finetune")]) == 0
+    other = LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    with pytest.raises(leank.LeanKError, match=r"no bundled mask for .*llama-3.1-8b-instruct \(meta-llama/") as e:
+        leank.bundled_mask_path(other)
+    assert "\n" not in str(e.value)
+    for alias in ("llama-3.1-8b-instruct", "qwen2.5-7b-instruct"):  # the authors' masks, shipped in the package
+        mask = ChannelMask.load(leank.bundled_mask_path(alias))
+        assert mask.kept.shape[0] in (32, 28) and 0.68 < mask.sparsity < 0.72

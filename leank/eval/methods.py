@@ -33,7 +33,7 @@ from ..cache import LeanKCache, dense_cache_nbytes
 from ..calibrate import magnitude_mask
 from ..data.text import bundled_prose
 from ..errors import LeanKError
-from ..masks import DEFAULT_RECENT, DEFAULT_SINK, ChannelMask, check_sparsity, kv_shape
+from ..masks import DEFAULT_RECENT, DEFAULT_SINK, ChannelMask, check_sparsity, hybrid_layers, kv_shape
 from .think import DEFAULT_WINDOW, ThinKCache, kept_channel_count
 
 STATIC_KINDS = ("magnitude", "magnitude-per-head", "random")
@@ -242,7 +242,7 @@ def prepare_method(spec: MethodSpec, model, tokenizer, *, model_name: str, mask_
     elif spec.kind == "random":
         mask = ChannelMask.random(
             *kv_shape(model.config), sparsity=spec.sparsity, alignment=spec.alignment,
-            generator=torch.Generator().manual_seed(spec.seed), model=model_name,
+            generator=torch.Generator().manual_seed(spec.seed), model=model_name, layers=hybrid_layers(model.config),
         )
     else:
         mask = calibrated_mask(spec, model, tokenizer, model_name=model_name, mask_dir=mask_dir)

@@ -19,10 +19,11 @@ measures); :meth:`ThinKCache.ideal_nbytes` is what a compact store would hold.
 from __future__ import annotations
 
 import torch
-from transformers.cache_utils import Cache, DynamicLayer
+from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLayer
 
-from ..attention import ATTN_NAME, Handle, check_supported
-from ..contract import in_full
+from ..architectures import check_supported, layer_windows
+from ..attention import ATTN_NAME, Handle
+from ..contract import capped, in_full
 from ..errors import LeanKError
 from ..masks import DEFAULT_RECENT, DEFAULT_SINK, check_sparsity, check_window, kv_shape
 
@@ -57,12 +58,13 @@ def select_channels(
 
 def masked_attention(
     query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, kept: torch.Tensor, pads: torch.Tensor,
-    *, sink: int, recent: int, scaling: float,
+    *, sink: int, recent: int, scaling: float, softcap: float | None = None, sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of the last ``q`` tokens ``[B, H_q, q, D]`` over all ``T`` cached tokens → ``[B, H_q, q, D]``.
 
     Keys the rule :func:`leank.contract.in_full` does not give a query in full count only
-    through their ``kept`` ``[B, H_kv, D]`` channels. Computed in fp32.
+    through their ``kept`` ``[B, H_kv, D]`` channels. The model's ``softcap`` and ``sinks``
+    ``[H_q]`` (see :mod:`leank.contract`) apply. Computed in fp32.
     """
     B, Hq, q, D = query.shape
     H, T = keys.shape[1], keys.shape[2]
@@ -74,9 +76,11 @@ def masked_attention(
     qpos = T - q + torch.arange(q, device=keys.device)
     use_full = in_full(pos, qpos, pads, sink=sink, recent=recent)  # [B, q, T]
     visible = (pos[None, None] >= pads[:, None, None]) & (pos[None, :] <= qpos[:, None])[None]
-    scores = torch.where(use_full[:, None, None], full, pruned) * scaling
+    scores = capped(torch.where(use_full[:, None, None], full, pruned) * scaling, softcap)
     scores = scores.masked_fill(~visible[:, None, None], float("-inf"))
-    out = torch.einsum("bhgqt,bhtd->bhgqd", torch.softmax(scores, dim=-1), values.float())
+    if sinks is not None:  # one more logit per query head, with no value
+        scores = torch.cat([scores, sinks.float().view(1, H, Hq // H, 1, 1).expand(B, -1, -1, q, 1)], -1)
+    out = torch.einsum("bhgqt,bhtd->bhgqd", torch.softmax(scores, dim=-1)[..., :T], values.float())
     return out.reshape(B, Hq, q, D).to(query.dtype)
 
 
@@ -103,9 +107,10 @@ class ThinKLayer(DynamicLayer):
         self.pads = pads
         self.kept = select_channels(query, self.keys, pads, keep=self.keep, window=self.window)
 
-    def attend(self, query: torch.Tensor, scaling: float, attention_mask=None) -> torch.Tensor:
+    def attend(self, query: torch.Tensor, scaling: float, attention_mask=None, *, softcap=None,
+               sinks=None) -> torch.Tensor:
         return masked_attention(query, self.keys, self.values, self.kept, self.pads, sink=self.sink,
-                                recent=self.recent, scaling=scaling)
+                                recent=self.recent, scaling=scaling, softcap=softcap, sinks=sinks)
 
     def reset(self) -> None:
         # Dropped, not zeroed: transformers 5.17's DynamicLayer.reset keeps stale lengths.
@@ -175,12 +180,19 @@ class ThinKCache(Cache):
         head_dim = kv_shape(config)[2]
         self.sparsity, self.window, self.sink, self.recent = sparsity, window, sink, recent
         keep = kept_channel_count(sparsity, head_dim)
+        # As in LeanKCache: a hybrid model's sliding-window layers keep transformers' own layer.
         super().__init__(layers=[
-            ThinKLayer(keep=keep, window=window, sink=sink, recent=recent) for _ in range(config.num_hidden_layers)
+            ThinKLayer(keep=keep, window=window, sink=sink, recent=recent) if w is None
+            else DynamicSlidingWindowLayer(sliding_window=w) for w in layer_windows(config)
         ])
 
+    def _bytes(self, method: str) -> int:
+        return sum(getattr(layer, method)() if isinstance(layer, ThinKLayer)
+                   else 2 * layer.keys.numel() * layer.keys.element_size() if layer.is_initialized else 0
+                   for layer in self.layers)
+
     def ideal_nbytes(self) -> int:
-        return sum(layer.ideal_nbytes() for layer in self.layers)
+        return self._bytes("ideal_nbytes")
 
     def dense_nbytes(self) -> int:
-        return sum(layer.dense_nbytes() for layer in self.layers)
+        return self._bytes("dense_nbytes")

@@ -1,7 +1,7 @@
 """Decode-attention backends for LeanK caches, behind one dispatch point and one op.
 
-A backend takes the query ``[B, H_q, 1, D]`` and a :class:`~leank.contract.DecodeView`
-and returns ``[B, H_q, 1, D]``:
+A backend takes the query ``[B, H_q, 1, D]``, a :class:`~leank.contract.DecodeView` and the
+model's score terms (``scaling``, ``softcap``, ``sinks``) and returns ``[B, H_q, 1, D]``:
 
 * ``"auto"`` (default): the custom op ``torch.ops.leank.decode_attention`` — the Triton
   kernel on CUDA, the torch reference on CPU. ``torch.compile(fullgraph=True)`` takes it
@@ -50,18 +50,19 @@ def _view(args: tuple, sink: int, recent: int, slots: int, head_counts) -> Decod
 def _decode_op(
     query: torch.Tensor, sink_k: torch.Tensor, sink_v: torch.Tensor, ring_k: torch.Tensor, ring_v: torch.Tensor,
     mid_k: torch.Tensor, mid_v: torch.Tensor, head_c: torch.Tensor, head_koff: torch.Tensor, head_voff: torch.Tensor,
-    head_chan: torch.Tensor, pads: torch.Tensor, seen: torch.Tensor, c0: torch.Tensor, scaling: float, sink: int,
-    recent: int, slots: int, head_counts: list[int],
+    head_chan: torch.Tensor, pads: torch.Tensor, seen: torch.Tensor, c0: torch.Tensor, sinks: torch.Tensor | None,
+    scaling: float, softcap: float, sink: int, recent: int, slots: int, head_counts: list[int],
 ) -> torch.Tensor:
     view = _view((sink_k, sink_v, ring_k, ring_v, mid_k, mid_v, head_c, head_koff, head_voff, head_chan, pads, seen,
                   c0), sink, recent, slots, head_counts)
-    return decode_attention_torch(query, view, scaling)
+    return decode_attention_torch(query, view, scaling, softcap=softcap or None, sinks=sinks)
 
 
 @_decode_op.register_kernel("cuda")
 def _decode_op_cuda(query, *args):
-    *tensors, scaling, sink, recent, slots, head_counts = args
-    return _triton().decode_attention_triton(query, _view(tuple(tensors), sink, recent, slots, head_counts), scaling)
+    *tensors, sinks, scaling, softcap, sink, recent, slots, head_counts = args
+    return _triton().decode_attention_triton(query, _view(tuple(tensors), sink, recent, slots, head_counts), scaling,
+                                             softcap=softcap or None, sinks=sinks)
 
 
 @_decode_op.register_fake
@@ -105,11 +106,13 @@ def store_step(key: torch.Tensor, value: torch.Tensor, view: DecodeView, *, sink
         _store_op(key, value, *view.tensors(), view.sink, view.recent, view.slots, list(view.head_counts), sink_write)
 
 
-def decode_attention(query: torch.Tensor, view: DecodeView, scaling: float, *, backend: str = "auto") -> torch.Tensor:
-    """LeanK attention of one new token per row, ``query`` ``[B, H_q, 1, D]`` → ``[B, H_q, 1, D]``."""
+def decode_attention(query: torch.Tensor, view: DecodeView, scaling: float, *, softcap: float | None = None,
+                     sinks: torch.Tensor | None = None, backend: str = "auto") -> torch.Tensor:
+    """LeanK attention of one new token per row, ``query`` ``[B, H_q, 1, D]`` → ``[B, H_q, 1, D]``;
+    ``softcap`` (score soft-capping) and ``sinks`` ``[H_q]`` (learned sink logits): the model's, or None."""
     if backend == "torch":
-        return decode_attention_torch(query, view, scaling)
+        return decode_attention_torch(query, view, scaling, softcap=softcap, sinks=sinks)
     if backend == "triton":
-        return _triton().decode_attention_triton(query, view, scaling)
-    return _decode_op(query, *view.tensors(), float(scaling), view.sink, view.recent, view.slots,
-                      list(view.head_counts))
+        return _triton().decode_attention_triton(query, view, scaling, softcap=softcap, sinks=sinks)
+    return _decode_op(query, *view.tensors(), sinks, float(scaling), float(softcap or 0.0), view.sink, view.recent,
+                      view.slots, list(view.head_counts))

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from ..contract import DecodeView, in_full
+from ..contract import DecodeView, capped, in_full
 
 
 def middle_keys(view: DecodeView, h: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -21,15 +21,16 @@ def middle_keys(view: DecodeView, h: int, length: int) -> tuple[torch.Tensor, to
 
 
 def decode_attention_torch(
-    query: torch.Tensor, view: DecodeView, scaling: float, *,
-    pending: tuple[torch.Tensor, torch.Tensor] | None = None,
+    query: torch.Tensor, view: DecodeView, scaling: float, *, softcap: float | None = None,
+    sinks: torch.Tensor | None = None, pending: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """LeanK attention ``[B, H_q, q, D]`` of queries ``[B, H_q, q, D]`` over a layer's stores.
 
     Without ``pending`` the queries are the last ``q`` stored tokens (a decode step: ``q = 1``).
     With ``pending`` = (K, V) ``[B, H_kv, q, D]`` the queries are ``q`` new tokens not yet
     stored (a multi-token step after the prompt): they see the stores and each other,
-    causally. Query head ``j`` uses KV head ``j // (H_q / H_kv)``.
+    causally. Query head ``j`` uses KV head ``j // (H_q / H_kv)``. ``softcap`` and ``sinks``
+    ``[H_q]``: the model's score terms (:mod:`leank.contract`), or None.
     """
     B, Hq, q, D = query.shape
     H, R1 = view.ring_k.shape[1], view.ring_k.shape[2]
@@ -49,7 +50,7 @@ def decode_attention_torch(
     if S:
         slot = torch.arange(S, device=dev)
         valid = slot[None] < (n_out - pads).clamp(0, S)[:, None]  # [B, S]
-        s = torch.einsum("bhgqd,bhkd->bhgqk", qf, view.sink_k[:, :, :S].float()) * scaling
+        s = capped(torch.einsum("bhgqd,bhkd->bhgqk", qf, view.sink_k[:, :, :S].float()) * scaling, softcap)
         scores.append(s.masked_fill(~valid[:, None, None, None], neg))
         values.append(view.sink_v[:, :, :S].float())
 
@@ -63,7 +64,7 @@ def decode_attention_torch(
             if c:
                 k, v = middle_keys(view, h, M)
                 qh = qf[:, h][..., view.head_chan[h, :c].long()]  # [B, G, q, c]
-                s_mid[:, h] = torch.einsum("bgqc,bkc->bgqk", qh, k.float()) * scaling
+                s_mid[:, h] = capped(torch.einsum("bgqc,bkc->bgqk", qh, k.float()) * scaling, softcap)
                 v_mid[:, h] = v.float()
         scores.append(s_mid.masked_fill(~valid[:, None, None, None], neg))
         values.append(v_mid)
@@ -81,9 +82,13 @@ def decode_attention_torch(
     use_full = in_full(pos, t, pads, sink=S, recent=view.recent)[:, None, None]  # [B, 1, 1, q, T]
     visible = (pos[None, None] <= t[None, :, None]) & (pos[None, None] >= pads[:, None, None])  # [B, q, T]
     visible = visible[:, None, None] & (use_full | (kept.sum(-1) > 0)[None, :, None, None, None])
-    s = torch.where(use_full, full, pruned) * scaling
+    s = capped(torch.where(use_full, full, pruned) * scaling, softcap)
     scores.append(s.masked_fill(~visible, neg))
     values.append(v_full)
+
+    if sinks is not None:  # one more logit per query head in the denominator, with no value
+        scores.append(sinks.float().view(1, H, G, 1, 1).expand(B, H, G, q, 1))
+        values.append(qf.new_zeros(B, H, 1, D))
 
     probs = torch.softmax(torch.cat(scores, dim=-1), dim=-1)
     out = qf.new_zeros(B, H, G, q, D)

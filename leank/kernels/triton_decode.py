@@ -18,6 +18,12 @@ cache's life (:func:`plan`: the split length follows the middle length inside th
 so one compiled kernel and one captured CUDA graph serve every step: no recompilation, no
 host value, no allocation besides the step's workspace and output.
 
+The model's score terms (:mod:`leank.contract`): ``scaling``; soft-capping
+``cap * tanh(score / cap)`` after the dot (``HAS_CAP``; tanh from ``exp``, with a short odd
+series near 0 where ``1 - exp(-2|x|)`` would cancel); learned sinks in the merge (one more
+term ``exp(sink)`` in each query head's denominator, no value). A ``head_dim`` that is not a
+power of two (96) is padded to the next one in the tiles, the padding lanes masked.
+
 Under ``TRITON_INTERPRET=1`` (CPU tests) loaded values are cast to fp32 before any
 arithmetic: the interpreter mishandles bf16 arithmetic.
 """
@@ -39,17 +45,33 @@ from ..errors import LeanKError
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 LOG2E = 1.4426950408889634
 _NEG = tl.constexpr(-1.0e30)  # running-max start: finite, so exp2(m_old - m_new) never sees inf - inf
+HEAD_DIMS = (64, 96, 128, 256)
 
 
 @triton.jit
-def _attend(acc, m_i, l_i, q, qk_scale, k_ptrs_base, v_ptrs_base, k_stride, lo, hi, offs_kc, k_cols, offs_d,
-            WRAP, RINGED: tl.constexpr, BLOCK: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):
+def _tanh(x):
+    """tanh in fp32 from exp (portable: no libdevice), odd series below |x| = 1/8."""
+    a = tl.abs(x)
+    e = tl.exp(-2.0 * a)
+    big = (1.0 - e) / (1.0 + e)
+    x2 = a * a
+    small = a * (1.0 + x2 * (-1.0 / 3.0 + x2 * (2.0 / 15.0 + x2 * (-17.0 / 315.0))))
+    t = tl.where(a < 0.125, small, big)
+    return tl.where(x < 0, -t, t)
+
+
+@triton.jit
+def _attend(acc, m_i, l_i, q, qk_scale, cap_scale, k_ptrs_base, v_ptrs_base, k_stride, lo, hi, offs_kc, k_cols,
+            offs_d, D, WRAP, RINGED: tl.constexpr, HAS_CAP: tl.constexpr, BLOCK: tl.constexpr,
+            UPCAST: tl.constexpr, PREC: tl.constexpr):
     """Online-softmax accumulation over tokens ``[lo, hi)``. ``q`` ``[GP, KC]`` is the raw
-    query (exact in the cache dtype); scores are scaled by ``qk_scale`` = ``scaling *
-    log2(e)`` in fp32 after the dot. K rows have ``k_stride`` elements, of which the first
-    ``k_cols`` are read; V rows are ``D`` wide. Token ``n`` is row ``n % WRAP`` of a ring
-    buffer when ``RINGED``, else row ``n``."""
-    D = offs_d.shape[0]
+    query (exact in the cache dtype); scores are scaled in fp32 after the dot: by ``qk_scale``
+    = ``scaling * log2(e)``, or with ``HAS_CAP`` to ``tanh(dot * cap_scale) * qk_scale``
+    (``cap_scale`` = ``scaling / cap``, ``qk_scale`` = ``cap * log2(e)``). K rows have
+    ``k_stride`` elements, of which the first ``k_cols`` are read; V rows are ``D`` wide (lanes
+    ``offs_d >= D`` are padding). Token ``n`` is row ``n % WRAP`` of a ring buffer when
+    ``RINGED``, else row ``n``."""
+    dmask = offs_d < D
     for start in range(lo, hi, BLOCK):
         offs_n = start + tl.arange(0, BLOCK)
         valid = offs_n < hi
@@ -59,11 +81,16 @@ def _attend(acc, m_i, l_i, q, qk_scale, k_ptrs_base, v_ptrs_base, k_stride, lo, 
             rows = offs_n.to(tl.int64)
         k = tl.load(k_ptrs_base + rows[:, None] * k_stride + offs_kc[None, :],
                     mask=valid[:, None] & (offs_kc[None, :] < k_cols), other=0.0)
-        v = tl.load(v_ptrs_base + rows[:, None] * D + offs_d[None, :], mask=valid[:, None], other=0.0)
+        v = tl.load(v_ptrs_base + rows[:, None] * D + offs_d[None, :], mask=valid[:, None] & dmask[None, :],
+                    other=0.0)
         if UPCAST:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
-        s = tl.dot(q.to(k.dtype), tl.trans(k), input_precision=PREC) * qk_scale
+        s = tl.dot(q.to(k.dtype), tl.trans(k), input_precision=PREC)
+        if HAS_CAP:
+            s = _tanh(s * cap_scale) * qk_scale
+        else:
+            s = s * qk_scale
         s = tl.where(valid[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
@@ -75,16 +102,17 @@ def _attend(acc, m_i, l_i, q, qk_scale, k_ptrs_base, v_ptrs_base, k_stride, lo, 
 
 
 @triton.jit
-def _middle(acc, m_i, l_i, q_rows, gmask, chan, c, k_base, v_base, lo, hi, qk_scale, offs_d,
-            KC: tl.constexpr, BLOCK: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):
+def _middle(acc, m_i, l_i, q_rows, gmask, chan, c, k_base, v_base, lo, hi, qk_scale, cap_scale, offs_d, D,
+            KC: tl.constexpr, HAS_CAP: tl.constexpr, BLOCK: tl.constexpr, UPCAST: tl.constexpr,
+            PREC: tl.constexpr):
     """Middle tokens of one head keeping ``c <= KC`` channels: the query gathered at the
     kept channels ``[GP, KC]``, K rows ``c`` wide."""
     offs_kc = tl.arange(0, KC)
     cmask = offs_kc < c
     ch = tl.load(chan + offs_kc, mask=cmask, other=0)
     q = tl.load(q_rows[:, None] + ch[None, :], mask=gmask[:, None] & cmask[None, :], other=0.0)
-    return _attend(acc, m_i, l_i, q, qk_scale, k_base, v_base, c, lo, hi, offs_kc, c, offs_d, 1, False,
-                   BLOCK, UPCAST, PREC)
+    return _attend(acc, m_i, l_i, q, qk_scale, cap_scale, k_base, v_base, c, lo, hi, offs_kc, c, offs_d, D, 1,
+                   False, HAS_CAP, BLOCK, UPCAST, PREC)
 
 
 @triton.jit(do_not_specialize=["S", "RING", "SLOTS", "B_ROWS", "NS"])
@@ -94,10 +122,11 @@ def _leank_decode_kernel(
     RK, RV, stride_rb, stride_rh, RING,
     MK, MV, stride_mkb, stride_mvb, SLOTS,
     HEAD_C, HEAD_KOFF, HEAD_VOFF, HEAD_CHAN,
-    PADS, SEEN, C0, WS_O, WS_L, qk_scale, H, NS, B_ROWS,
+    PADS, SEEN, C0, WS_O, WS_L, qk_scale, cap_scale, H, NS, B_ROWS,
     SUMCD: tl.constexpr, MAXCD: tl.constexpr, MIN_BUDGET: tl.constexpr, PROGRAMS: tl.constexpr,
-    G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr,
-    KALIGN: tl.constexpr, HAS_SINK: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+    G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, BLOCK: tl.constexpr,
+    KALIGN: tl.constexpr, HAS_SINK: tl.constexpr, HAS_CAP: tl.constexpr, UPCAST: tl.constexpr,
+    PREC: tl.constexpr,
 ):
     bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -109,25 +138,25 @@ def _leank_decode_kernel(
 
     offs_g = tl.arange(0, GP)
     gmask = offs_g < G
-    offs_d = tl.arange(0, D)
+    offs_d = tl.arange(0, DP)  # D lanes, padded to a power of two
     q_rows = Q + b.to(tl.int64) * stride_qb + (h * G + offs_g).to(tl.int64) * stride_qh
 
-    acc = tl.zeros([GP, D], dtype=tl.float32)
+    acc = tl.zeros([GP, DP], dtype=tl.float32)
     m_i = tl.full([GP], _NEG, dtype=tl.float32)
     l_i = tl.zeros([GP], dtype=tl.float32)
 
     if split == NS:
         # Sink and ring: full K and V. Ring position p lives in slot p % RING.
-        q = tl.load(q_rows[:, None] + offs_d[None, :], mask=gmask[:, None], other=0.0)
+        q = tl.load(q_rows[:, None] + offs_d[None, :], mask=gmask[:, None] & (offs_d[None, :] < D), other=0.0)
         if HAS_SINK:
             n_sink = tl.minimum(tl.maximum(n_out - pad, 0), S)
             base = b.to(tl.int64) * stride_sb + h.to(tl.int64) * stride_sh
-            acc, m_i, l_i = _attend(acc, m_i, l_i, q, qk_scale, SK + base, SV + base, D, 0, n_sink, offs_d, D, offs_d,
-                                    1, False, BLOCK, UPCAST, PREC)
+            acc, m_i, l_i = _attend(acc, m_i, l_i, q, qk_scale, cap_scale, SK + base, SV + base, D, 0, n_sink, offs_d,
+                                    D, offs_d, D, 1, False, HAS_CAP, BLOCK, UPCAST, PREC)
         base = b.to(tl.int64) * stride_rb + h.to(tl.int64) * stride_rh
         r_lo = tl.maximum(tl.maximum(n_out, pad), 0)
-        acc, m_i, l_i = _attend(acc, m_i, l_i, q, qk_scale, RK + base, RV + base, D, r_lo, seen, offs_d, D, offs_d,
-                                RING, True, BLOCK, UPCAST, PREC)
+        acc, m_i, l_i = _attend(acc, m_i, l_i, q, qk_scale, cap_scale, RK + base, RV + base, D, r_lo, seen, offs_d,
+                                D, offs_d, D, RING, True, HAS_CAP, BLOCK, UPCAST, PREC)
     else:
         c = tl.load(HEAD_C + h)
         c0 = tl.load(C0)
@@ -149,45 +178,54 @@ def _leank_decode_kernel(
             k_base = MK + b.to(tl.int64) * stride_mkb + koff
             v_base = MV + b.to(tl.int64) * stride_mvb + tl.load(HEAD_VOFF + h).to(tl.int64) * SLOTS * D
             chan = HEAD_CHAN + h * D
-            # The kept count picks a tile width (a compile-time constant): 16, 32, 64 or D.
+            # The kept count picks a tile width (a compile-time constant): 16, 32, 64 or DP.
             if c <= 16:
                 acc, m_i, l_i = _middle(acc, m_i, l_i, q_rows, gmask, chan, c, k_base, v_base, lo, hi, qk_scale,
-                                        offs_d, 16, BLOCK, UPCAST, PREC)
+                                        cap_scale, offs_d, D, 16, HAS_CAP, BLOCK, UPCAST, PREC)
             elif c <= 32:
                 acc, m_i, l_i = _middle(acc, m_i, l_i, q_rows, gmask, chan, c, k_base, v_base, lo, hi, qk_scale,
-                                        offs_d, 32, BLOCK, UPCAST, PREC)
+                                        cap_scale, offs_d, D, 32, HAS_CAP, BLOCK, UPCAST, PREC)
             elif c <= 64:
                 acc, m_i, l_i = _middle(acc, m_i, l_i, q_rows, gmask, chan, c, k_base, v_base, lo, hi, qk_scale,
-                                        offs_d, 64, BLOCK, UPCAST, PREC)
+                                        cap_scale, offs_d, D, 64, HAS_CAP, BLOCK, UPCAST, PREC)
             else:
                 acc, m_i, l_i = _middle(acc, m_i, l_i, q_rows, gmask, chan, c, k_base, v_base, lo, hi, qk_scale,
-                                        offs_d, D, BLOCK, UPCAST, PREC)
+                                        cap_scale, offs_d, D, DP, HAS_CAP, BLOCK, UPCAST, PREC)
 
     # Partial result of this program: o = acc / l and lse = m + log2(l) (-inf when empty).
     has = l_i > 0
     o = tl.where(has[:, None], acc / tl.where(has, l_i, 1.0)[:, None], 0.0)
     lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
     rows = (bh * G + offs_g).to(tl.int64) * (NS + 1)
-    tl.store(WS_O + (rows + split)[:, None] * D + offs_d[None, :], o, mask=gmask[:, None])
+    tl.store(WS_O + (rows + split)[:, None] * DP + offs_d[None, :], o, mask=gmask[:, None])
     tl.store(WS_L + rows + split, lse, mask=gmask)
 
 
 @triton.jit
-def _merge_kernel(WS_O, WS_L, OUT, stride_ob, stride_oh, HQ, NS1, D: tl.constexpr, SP: tl.constexpr):
-    """One program per (row, query head): all partials loaded at once and merged."""
+def _merge_kernel(WS_O, WS_L, SINKS, OUT, stride_ob, stride_oh, HQ, NS1, D: tl.constexpr, DP: tl.constexpr,
+                  SP: tl.constexpr, HAS_SINKS: tl.constexpr):
+    """One program per (row, query head): all partials loaded at once and merged (with the
+    head's learned sink logit, ``SINKS`` fp32 ``[H_q]`` in base 2, as a term without value)."""
     pid = tl.program_id(0)
     b = pid // HQ
     hq = pid % HQ
     offs_s = tl.arange(0, SP)
-    offs_d = tl.arange(0, D)
+    offs_d = tl.arange(0, DP)
     smask = offs_s < NS1
     rows = pid.to(tl.int64) * NS1 + offs_s
     lse = tl.load(WS_L + rows, mask=smask, other=float("-inf"))
     m = tl.max(lse, 0)  # finite: the window always holds the new token
+    if HAS_SINKS:
+        sink = tl.load(SINKS + hq)
+        m = tl.maximum(m, sink)
     w = tl.exp2(lse - m)
-    o = tl.load(WS_O + rows[:, None] * D + offs_d[None, :], mask=smask[:, None], other=0.0)
-    out = tl.sum(o * w[:, None], 0) / tl.sum(w, 0)
-    tl.store(OUT + b.to(tl.int64) * stride_ob + hq.to(tl.int64) * stride_oh + offs_d, out.to(OUT.dtype.element_ty))
+    denom = tl.sum(w, 0)
+    if HAS_SINKS:
+        denom += tl.exp2(sink - m)
+    o = tl.load(WS_O + rows[:, None] * DP + offs_d[None, :], mask=smask[:, None], other=0.0)
+    out = tl.sum(o * w[:, None], 0) / denom
+    tl.store(OUT + b.to(tl.int64) * stride_ob + hq.to(tl.int64) * stride_oh + offs_d, out.to(OUT.dtype.element_ty),
+             mask=offs_d < D)
 
 
 @functools.lru_cache(maxsize=16)
@@ -249,8 +287,9 @@ def check_query(query: torch.Tensor) -> None:
     B, Hq, q, D = query.shape
     if q != 1:
         raise LeanKError(f"the triton LeanK kernel decodes one token per row, got {q}: use the torch backend")
-    if D not in (64, 128, 256):
-        raise LeanKError(f"the triton LeanK kernel supports head_dim 64, 128 and 256, got {D}: use the torch backend")
+    if D not in HEAD_DIMS:
+        raise LeanKError(f"the triton LeanK kernel supports head_dim {', '.join(map(str, HEAD_DIMS))}, got {D}: "
+                         "use the torch backend")
     if query.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise LeanKError(f"the triton LeanK kernel supports fp16, bf16 and fp32, got {query.dtype}")
     if not query.is_cuda and not INTERPRET:
@@ -258,21 +297,29 @@ def check_query(query: torch.Tensor) -> None:
 
 
 def decode_attention_triton(
-    query: torch.Tensor, view: DecodeView, scaling: float, *, out: torch.Tensor | None = None,
-    programs: int | None = None,
+    query: torch.Tensor, view: DecodeView, scaling: float, *, softcap: float | None = None,
+    sinks: torch.Tensor | None = None, out: torch.Tensor | None = None, programs: int | None = None,
 ) -> torch.Tensor:
     """LeanK attention of one new token per row, ``query`` ``[B, H_q, 1, D]`` → ``[B, H_q, 1, D]``.
 
-    ``out``: where to write (contiguous ``[B, H_q, 1, D]``); ``programs``: middle programs to
-    spread over instead of the default (tests use it to force many splits)."""
+    ``softcap``/``sinks`` ``[H_q]``: the model's score terms, or None. ``out``: where to write
+    (contiguous ``[B, H_q, 1, D]``); ``programs``: middle programs to spread over instead of the
+    default (tests use it to force many splits)."""
     check_query(query)
     B, Hq, _, D = query.shape
     H = view.ring_k.shape[1]
     G = Hq // H
+    DP = triton.next_power_of_2(D)
     query = query if query.stride(-1) == 1 else query.contiguous()
     p = plan(B, view.head_counts, D, view.slots, _sm_count(query.device), programs)
     ns = p.splits
-    ws_o = torch.empty(B * Hq * (ns + 1), D, dtype=torch.float32, device=query.device)
+    if softcap:  # tanh(dot * scaling / cap) * cap, in base 2
+        qk_scale, cap_scale = softcap * LOG2E, scaling / softcap
+    else:
+        qk_scale, cap_scale = scaling * LOG2E, 1.0
+    if sinks is not None:
+        sinks = (sinks.detach().to(torch.float32) * LOG2E).contiguous()
+    ws_o = torch.empty(B * Hq * (ns + 1), DP, dtype=torch.float32, device=query.device)
     ws_l = torch.empty(B * Hq * (ns + 1), dtype=torch.float32, device=query.device)
     if out is None:
         out = torch.empty(B, Hq, 1, D, dtype=query.dtype, device=query.device)
@@ -283,13 +330,14 @@ def decode_attention_triton(
         rk, rv, rk.stride(0), rk.stride(1), rk.shape[2],
         view.mid_k, view.mid_v, view.mid_k.stride(0), view.mid_v.stride(0), view.slots,
         view.head_c, view.head_koff, view.head_voff, view.head_chan,
-        view.pads, view.seen, view.c0, ws_o, ws_l, scaling * LOG2E, H, ns, B,
+        view.pads, view.seen, view.c0, ws_o, ws_l, qk_scale, cap_scale, H, ns, B,
         SUMCD=p.sum_cd, MAXCD=p.max_cd, MIN_BUDGET=p.min_budget, PROGRAMS=p.programs,
-        G=G, GP=max(16, triton.next_power_of_2(G)), D=D, BLOCK=p.block, KALIGN=p.kalign,
-        HAS_SINK=view.sink > 0, UPCAST=INTERPRET or query.dtype == torch.float32,
+        G=G, GP=max(16, triton.next_power_of_2(G)), D=D, DP=DP, BLOCK=p.block, KALIGN=p.kalign,
+        HAS_SINK=view.sink > 0, HAS_CAP=bool(softcap), UPCAST=INTERPRET or query.dtype == torch.float32,
         PREC="ieee" if query.dtype == torch.float32 else "tf32",
         num_warps=p.warps, num_stages=p.stages,
     )
-    _merge_kernel[(B * Hq,)](ws_o, ws_l, out, out.stride(0), out.stride(1), Hq, ns + 1, D=D,
-                             SP=triton.next_power_of_2(ns + 1), num_warps=4)
+    _merge_kernel[(B * Hq,)](ws_o, ws_l, sinks if sinks is not None else ws_l, out, out.stride(0), out.stride(1),
+                             Hq, ns + 1, D=D, DP=DP, SP=triton.next_power_of_2(ns + 1),
+                             HAS_SINKS=sinks is not None, num_warps=4)
     return out

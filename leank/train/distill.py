@@ -12,6 +12,9 @@ only, attending to the teacher's prompt K/V:
 * in the binary stage, KV heads whose mask keeps no channel ignore middle keys entirely
   (as the deployed cache does), instead of attending to them with zero logits.
 
+A hybrid model's sliding-window layers are not compressed: they attend densely (the model's
+own mask keeps their window), so α exists only for the compressed layers.
+
 Loss = ||h_student − h_teacher||² / ||h_teacher||² over the final hidden states that
 predict the answer tokens (relative MSE: the same λ suits any hidden size).
 """
@@ -22,9 +25,10 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import Cache, DynamicLayer
 
+from ..architectures import layer_windows
 from ..attention import Handle
 from ..cache import cache_kwargs
-from ..contract import in_full
+from ..contract import capped, in_full
 from ..masks import aligned_counts, mask_from_counts
 
 
@@ -53,7 +57,8 @@ class ScaledPromptLayer(DynamicLayer):
         handle = Handle(self)
         return handle, handle
 
-    def attend(self, query: torch.Tensor, scaling: float, attention_mask=None) -> torch.Tensor:
+    def attend(self, query: torch.Tensor, scaling: float, attention_mask=None, *, softcap=None,
+               sinks=None) -> torch.Tensor:
         (K, V), self.current = self.current, None  # [B, H, T, D]; not kept past this forward
         B, Hq, q, D = query.shape
         H, T = K.shape[1], K.shape[2]
@@ -66,11 +71,14 @@ class ScaledPromptLayer(DynamicLayer):
         j = torch.arange(T, device=K.device)
         use_full = in_full(j, i, torch.zeros(1, dtype=torch.long, device=K.device), sink=self.sink,
                            recent=self.recent)[0]  # [q, T]
-        scores = torch.where(use_full, full, scaled)
+        scores = capped(torch.where(use_full, full, scaled), softcap)
         visible = (j[None, :] <= i[:, None])[None, None, None].expand(B, H, G, q, T)
         if self.empty_heads is not None:  # binary stage: heads keeping nothing skip middle keys
             visible = visible & (use_full | ~self.empty_heads[None, :, None, None, None])
-        probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)
+        scores = scores.masked_fill(~visible, float("-inf"))
+        if sinks is not None:  # the model's learned sink logits: one more softmax term per query head, no value
+            scores = torch.cat([scores, sinks.float().view(1, H, G, 1, 1).expand(B, H, G, q, 1)], -1)
+        probs = torch.softmax(scores, dim=-1)[..., :T]
         out = torch.einsum("bhgqk,bhkd->bhgqd", probs, V.float())
         return out.view(B, Hq, q, D).to(query.dtype)
 
@@ -108,19 +116,25 @@ def decode_hidden(
     recent: int,
     empty_heads: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Final hidden states ``[1, T - P, hidden]`` of the decode region with ``scale`` on middle keys."""
+    """Final hidden states ``[1, T - P, hidden]`` of the decode region with ``scale`` ``[rows, H, D]``
+    on middle keys (row ``i``: the ``i``-th compressed layer)."""
     context_end = prompt.get_seq_length()
-    layers = [
-        ScaledPromptLayer(
+    layers, row = [], 0
+    for window, layer in zip(layer_windows(model.config), prompt.layers, strict=True):
+        if window is not None:  # a sliding-window layer: dense, over a copy of the prompt K/V
+            dense = DynamicLayer()
+            dense.update(layer.keys, layer.values)
+            layers.append(dense)
+            continue
+        layers.append(ScaledPromptLayer(
             layer.keys,
             layer.values,
-            scale[idx],
+            scale[row],
             sink=sink,
             recent=recent,
-            empty_heads=None if empty_heads is None else empty_heads[idx],
-        )
-        for idx, layer in enumerate(prompt.layers)
-    ]
+            empty_heads=None if empty_heads is None else empty_heads[row],
+        ))
+        row += 1
     positions = torch.arange(context_end, sample_ids.shape[1], device=sample_ids.device)[None]
     out = _decoder(model)(
         input_ids=sample_ids[:, context_end:],

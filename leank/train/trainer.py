@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from .._io import atomic_write, atomic_write_json, check_writable_dir, write_error
 from ..errors import LeanKError
-from ..masks import binarize, kv_shape
+from ..masks import binarize, hybrid_layers, kv_shape
 from ..models import check_device
 from .config import TrainConfig
 from .distill import binary_scale, distill_loss
@@ -336,6 +336,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> d
             alignment=cfg.alignment,
             method="leank",
             model=cfg.model,
+            layers=hybrid_layers(trainer.model.config),
             sink=cfg.sink,
             recent=cfg.recent,
             info={
