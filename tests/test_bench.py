@@ -65,3 +65,17 @@ def test_every_method_runs_on_cpu():
         assert abs(row["tokens_per_s"] - 3e3 / row["step_ms_median"]) < 1e-6
         assert abs(row["mbu"] - row["floor_ms"] / row["step_ms_median"]) < 1e-9
         assert row["kv_gib"] > 0
+
+
+def test_shape_models_have_the_published_sizes():
+    """The random-weight shapes match the real models' published parameter counts (Llama-3.1-8B:
+    8.03 B; Qwen2.5-7B: 7.61 B, with QKV bias) and KV layout; built on the meta device (no memory)."""
+    from leank.masks import kv_shape
+    from leank.models import shape_model
+
+    expect = {"llama3.1-8b-shape": (8.03e9, (32, 8, 128)), "qwen2.5-7b-shape": (7.61e9, (28, 4, 128))}
+    for name, (params, kv) in expect.items():
+        model = shape_model(name, device="meta", dtype=torch.bfloat16)
+        assert abs(sum(p.numel() for p in model.parameters()) - params) < 0.01e9, name
+        assert tuple(kv_shape(model.config)) == kv and model.dtype == torch.bfloat16
+    assert shape_model("qwen2.5-7b-shape", device="meta").model.layers[0].self_attn.q_proj.bias is not None

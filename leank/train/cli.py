@@ -32,6 +32,9 @@ def register(subparsers) -> None:
     p.add_argument("--workers", type=int, default=2, help="data-generation worker processes")
     p.add_argument("--validation-samples", type=int, default=16, help="held-out samples for validation losses")
     p.add_argument("--fsdp", action="store_true", help="under torchrun: shard the frozen model (FSDP2 fully_shard)")
+    p.add_argument("--no-recompute", dest="recompute", action="store_false",
+                   help="keep every layer's attention activations for the backward pass instead of recomputing "
+                        "them (same result; more memory, less compute)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.set_defaults(run=_run)
 
@@ -46,6 +49,7 @@ def _run(args) -> int:
         stage2_steps=args.steps2, lr1=args.lr1, lr2=args.lr2, reg=args.reg, batch=args.batch, corpus=args.corpus,
         seed=args.seed, checkpoint_every=args.checkpoint_every, device=args.device, dtype=args.dtype,
         workers=args.workers, validation_samples=args.validation_samples, fsdp=args.fsdp,
+        recompute=args.recompute,
     )
     summary = train(cfg, resume=args.resume)
     if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 prints

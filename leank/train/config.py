@@ -48,6 +48,7 @@ class TrainConfig:
     workers: int = 2
     validation_samples: int = 16  # held-out samples for the before/after-binarisation losses
     fsdp: bool = False  # under torchrun: shard the frozen model with FSDP2 (memory only, same result)
+    recompute: bool = True  # recompute each layer's attention in the backward pass (memory only, same result)
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:

@@ -33,8 +33,13 @@ from ..masks import aligned_counts, mask_from_counts
 
 
 class ScaledPromptLayer(DynamicLayer):
-    """Holds the teacher's prompt K/V of one layer; the decode-region forward appends to a
-    copy (kept for that forward only) and attends with ``scale`` on middle keys."""
+    """Holds the teacher's prompt K/V of one layer; the decode-region forward attends to them
+    and its own K/V (kept for that forward only) with ``scale`` on middle keys.
+
+    ``checkpoint``: recompute the attention in the backward pass instead of keeping its
+    ``[q, T]`` scores, probabilities and fp32 copies of K/V for every layer (activation
+    checkpointing; the same arithmetic, so the same loss and gradients): the student's
+    memory then grows with one layer's attention, not all of them."""
 
     def __init__(
         self,
@@ -45,48 +50,61 @@ class ScaledPromptLayer(DynamicLayer):
         sink: int,
         recent: int,
         empty_heads: torch.Tensor | None,
+        checkpoint: bool = False,
     ):
         super().__init__()
         self.prompt_k, self.prompt_v, self.scale = keys, values, scale
-        self.sink, self.recent, self.empty_heads = sink, recent, empty_heads
+        self.sink, self.recent, self.empty_heads, self.checkpoint = sink, recent, empty_heads, checkpoint
         self.is_initialized = True
         self.length = keys.shape[2]
 
     def update(self, key_states, value_states, *args, **kwargs):
-        self.current = torch.cat([self.prompt_k, key_states], 2), torch.cat([self.prompt_v, value_states], 2)
+        self.current = key_states, value_states
         handle = Handle(self)
         return handle, handle
 
     def attend(self, query: torch.Tensor, scaling: float, attention_mask=None, *, softcap=None,
                sinks=None) -> torch.Tensor:
-        (K, V), self.current = self.current, None  # [B, H, T, D]; not kept past this forward
-        B, Hq, q, D = query.shape
-        H, T = K.shape[1], K.shape[2]
-        G = Hq // H
-        qf = query.float().view(B, H, G, q, D)
-        scale = self.scale.to(torch.float32)  # [H, D]
-        full = torch.einsum("bhgqd,bhkd->bhgqk", qf, K.float()) * scaling
-        scaled = torch.einsum("bhgqd,bhkd->bhgqk", qf * scale[None, :, None, None, :], K.float()) * scaling
-        i = T - q + torch.arange(q, device=K.device)
-        j = torch.arange(T, device=K.device)
-        use_full = in_full(j, i, torch.zeros(1, dtype=torch.long, device=K.device), sink=self.sink,
-                           recent=self.recent)[0]  # [q, T]
-        scores = capped(torch.where(use_full, full, scaled), softcap)
-        visible = (j[None, :] <= i[:, None])[None, None, None].expand(B, H, G, q, T)
-        if self.empty_heads is not None:  # binary stage: heads keeping nothing skip middle keys
-            visible = visible & (use_full | ~self.empty_heads[None, :, None, None, None])
-        scores = scores.masked_fill(~visible, float("-inf"))
-        if sinks is not None:  # the model's learned sink logits: one more softmax term per query head, no value
-            scores = torch.cat([scores, sinks.float().view(1, H, G, 1, 1).expand(B, H, G, q, 1)], -1)
-        probs = torch.softmax(scores, dim=-1)[..., :T]
-        out = torch.einsum("bhgqk,bhkd->bhgqd", probs, V.float())
-        return out.view(B, Hq, q, D).to(query.dtype)
+        (k_new, v_new), self.current = self.current, None  # [B, H, q, D]; not kept past this forward
+        args = (query, self.prompt_k, self.prompt_v, k_new, v_new, self.scale, sinks)
+        kw = dict(scaling=scaling, softcap=softcap, sink=self.sink, recent=self.recent, empty_heads=self.empty_heads)
+        if self.checkpoint and torch.is_grad_enabled():
+            # Inputs are saved by reference (the prompt K/V are the prompt cache's own tensors).
+            return torch.utils.checkpoint.checkpoint(scaled_attention, *args, use_reentrant=False, **kw)
+        return scaled_attention(*args, **kw)
 
     def get_seq_length(self) -> int:
         return self.length
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.length + query_length, 0
+
+
+def scaled_attention(query, prompt_k, prompt_v, k_new, v_new, scale, sinks, *, scaling, softcap, sink, recent,
+                     empty_heads) -> torch.Tensor:
+    """The student's attention ``[B, H_q, q, D]`` of the decode-region queries over the prompt
+    K/V and their own (module docstring), in fp32."""
+    K, V = torch.cat([prompt_k, k_new], 2), torch.cat([prompt_v, v_new], 2)  # [B, H, T, D]
+    B, Hq, q, D = query.shape
+    H, T = K.shape[1], K.shape[2]
+    G = Hq // H
+    qf = query.float().view(B, H, G, q, D)
+    scale = scale.to(torch.float32)  # [H, D]
+    full = torch.einsum("bhgqd,bhkd->bhgqk", qf, K.float()) * scaling
+    scaled = torch.einsum("bhgqd,bhkd->bhgqk", qf * scale[None, :, None, None, :], K.float()) * scaling
+    i = T - q + torch.arange(q, device=K.device)
+    j = torch.arange(T, device=K.device)
+    use_full = in_full(j, i, torch.zeros(1, dtype=torch.long, device=K.device), sink=sink, recent=recent)[0]  # [q, T]
+    scores = capped(torch.where(use_full, full, scaled), softcap)
+    visible = (j[None, :] <= i[:, None])[None, None, None].expand(B, H, G, q, T)
+    if empty_heads is not None:  # binary stage: heads keeping nothing skip middle keys
+        visible = visible & (use_full | ~empty_heads[None, :, None, None, None])
+    scores = scores.masked_fill(~visible, float("-inf"))
+    if sinks is not None:  # the model's learned sink logits: one more softmax term per query head, no value
+        scores = torch.cat([scores, sinks.float().view(1, H, G, 1, 1).expand(B, H, G, q, 1)], -1)
+    probs = torch.softmax(scores, dim=-1)[..., :T]
+    out = torch.einsum("bhgqk,bhkd->bhgqd", probs, V.float())
+    return out.view(B, Hq, q, D).to(query.dtype)
 
 
 def binary_scale(alpha: torch.Tensor, sparsity: float, alignment: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -115,6 +133,7 @@ def decode_hidden(
     sink: int,
     recent: int,
     empty_heads: torch.Tensor | None = None,
+    checkpoint: bool = False,
 ) -> torch.Tensor:
     """Final hidden states ``[1, T - P, hidden]`` of the decode region with ``scale`` ``[rows, H, D]``
     on middle keys (row ``i``: the ``i``-th compressed layer)."""
@@ -133,6 +152,7 @@ def decode_hidden(
             sink=sink,
             recent=recent,
             empty_heads=None if empty_heads is None else empty_heads[row],
+            checkpoint=checkpoint,
         ))
         row += 1
     positions = torch.arange(context_end, sample_ids.shape[1], device=sample_ids.device)[None]
@@ -157,13 +177,15 @@ def distill_loss(
     empty_heads: torch.Tensor | None = None,
     prompt: DynamicCache | None = None,
     teacher: torch.Tensor | None = None,
+    checkpoint: bool = False,
 ) -> torch.Tensor:
     """Relative hidden-state MSE of one sample ``[1, T]``, differentiable w.r.t. ``scale``
     ``[L, H, D]``, on the positions that predict answer tokens.
 
     The teacher is the same decode-region computation with every scale 1 (exactly the
     full attention, through the same arithmetic), so the loss is 0 at α = 1 in any dtype.
-    ``prompt``/``teacher`` may be passed in to reuse them across calls on one sample.
+    ``prompt``/``teacher`` may be passed in to reuse them across calls on one sample;
+    ``checkpoint``: recompute each layer's attention in the backward pass (less memory, same result).
     """
     predict = answer_mask[1:].nonzero().flatten()
     predict = predict[predict >= context_end] - context_end
@@ -174,7 +196,7 @@ def distill_loss(
     if teacher is None:
         with torch.no_grad():
             teacher = decode_hidden(model, sample_ids, prompt, torch.ones_like(scale), **kw)
-    student = decode_hidden(model, sample_ids, prompt, scale, empty_heads=empty_heads, **kw)
+    student = decode_hidden(model, sample_ids, prompt, scale, empty_heads=empty_heads, checkpoint=checkpoint, **kw)
     s = student[0, predict].float()
     t = teacher[0, predict].float()
     return (s - t).pow(2).mean() / t.pow(2).mean().clamp_min(1e-12)

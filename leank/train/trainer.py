@@ -106,6 +106,8 @@ class Trainer:
             raise LeanKError(f"alignment {cfg.alignment} does not divide head_dim {self.shape[2]}: use e.g. 16")
         if cfg.fsdp:
             shard_model(self.model, self.device)
+        # Before the run directory holds a run: a context that does not fit leaves nothing to resume.
+        self.memory_check = self.check_memory()
         if dist.is_main:
             atomic_write_json(self.out / "config.json", cfg.to_dict())
 
@@ -255,11 +257,40 @@ class Trainer:
                 sink=self.cfg.sink,
                 recent=self.cfg.recent,
                 empty_heads=empty,
+                checkpoint=self.cfg.recompute,
             )
         except torch.cuda.OutOfMemoryError:
+            cuda = self.device.type == "cuda"
+            gpu = f" ({torch.cuda.mem_get_info(self.device)[1] / 2**30:.0f} GiB GPU)" if cuda else ""
             raise LeanKError(
-                f"out of GPU memory on a {ids.shape[1]}-token sample: lower --max-length (or use --dtype bfloat16)"
+                f"out of GPU memory on a {ids.shape[1]}-token sample{gpu}: lower --max-length"
+                + ("" if self.cfg.recompute else ", or drop --no-recompute")
+                + ("" if self.cfg.dtype in ("bfloat16", "bf16", "float16", "fp16") else ", or use --dtype bfloat16")
+                + ("" if self.cfg.fsdp or not self.dist.enabled else ", or shard the model with --fsdp")
             ) from None
+
+    def check_memory(self) -> dict:
+        """Before the first step: one forward and backward on a synthetic sample of ``max_length``
+        tokens (the longest a run draws), so a context that does not fit fails now, with the knob
+        to turn, rather than hours in. Returns the measured peak (CUDA) and the seconds it took."""
+        cfg = self.cfg
+        decode = min(128, cfg.max_length - cfg.sink - cfg.recent - 1)  # question + answer, generously
+        gen = torch.Generator().manual_seed(cfg.seed)
+        ids = torch.randint(0, self.tokenizer.vocab_size, (cfg.max_length,), generator=gen)
+        answer = torch.zeros(cfg.max_length, dtype=torch.bool)
+        answer[-decode // 2 :] = True
+        alpha = torch.ones(self.shape, device=self.device, requires_grad=True)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        t0 = time.perf_counter()
+        for sparsity in (None, max(cfg.sparsities)):  # stage 1, then stage 2's binarised scale
+            scale, empty = (alpha, None) if sparsity is None else binary_scale(alpha, sparsity, cfg.alignment)
+            self._sample_loss(ids, cfg.max_length - decode, answer, scale, empty).backward()
+        out = {"tokens": cfg.max_length, "seconds": round(time.perf_counter() - t0, 2)}
+        if self.device.type == "cuda":
+            out["peak_gib"] = round(torch.cuda.max_memory_allocated(self.device) / 2**30, 2)
+        return out
 
     def _save_checkpoint(self, path: Path, alpha, opt, step: int) -> None:
         if not self.dist.is_main:
@@ -299,6 +330,10 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> d
     dist = setup(cfg.device)
     trainer = Trainer(cfg, resume=resume, progress=progress, dist=dist)
     summary: dict = {"config": cfg.to_dict(), "processes": dist.world, "stages": {}}
+    summary["memory_check"] = trainer.memory_check
+    cuda = trainer.device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(trainer.device)
     t0 = time.perf_counter()
     alpha = trainer.run_stage(
         "stage1",
@@ -361,8 +396,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> d
             "heads_by_kept_count": mask.count_histogram(),
         }
     summary["seconds_total"] = round(time.perf_counter() - t0, 1)
-    if torch.cuda.is_available() and trainer.device.type == "cuda":
+    if cuda:
         summary["gpu"] = torch.cuda.get_device_name(trainer.device)
+        summary["peak_gib"] = round(torch.cuda.max_memory_allocated(trainer.device) / 2**30, 2)
     if dist.is_main:
         atomic_write_json(trainer.out / "summary.json", summary)
         from .plots import plot_run

@@ -12,7 +12,7 @@ import leank
 from leank.errors import LeanKError
 from leank.masks import ChannelMask
 from leank.train import TrainConfig, train
-from leank.train.distill import binary_scale, distill_loss
+from leank.train.distill import binary_scale, distill_loss, prompt_cache
 
 from ..conftest import tiny_model
 
@@ -210,3 +210,62 @@ def test_hybrid_model_two_stages_end_to_end(tmp_path):
     model, _ = leank.load_model(str(tmp_path / "gemma2"), device="cpu")
     cache = leank.LeanKCache(model, mask)
     assert cache.compressed == (1, 3)
+
+
+def _saved_bytes(fn, held: set[int]):
+    """``fn()`` and the bytes of the distinct tensors autograd keeps for its backward pass, not
+    counting storages in ``held`` (tensors that live on anyway, e.g. the prompt cache)."""
+    saved = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in held:
+            saved[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, sum(saved.values())
+
+
+@pytest.mark.parametrize("binary", [False, True], ids=["stage1", "stage2"])
+def test_recompute_gives_the_same_loss_and_gradient_with_less_kept(tiny_dir, binary):
+    """Recomputing each layer's attention in the backward pass (the default) is the same
+    arithmetic: loss and α's gradient are bit-identical to keeping the activations, and
+    autograd keeps fewer bytes."""
+    model, _ = leank.load_model(str(tiny_dir), device="cpu")
+    model.requires_grad_(False)
+    s = a_sample(tiny_dir)
+    init = torch.rand(2, 2, 16, generator=torch.Generator().manual_seed(torch.seed() % 2**31))
+    prompt = prompt_cache(model, s.input_ids[None], s.context_end)
+    held = {t.untyped_storage().data_ptr() for layer in prompt.layers for t in (layer.keys, layer.values)}
+    results = []
+    for recompute in (False, True):
+        alpha = init.clone().requires_grad_(True)
+        scale, empty = binary_scale(alpha, 0.75, 4) if binary else (alpha, None)
+        loss, kept = _saved_bytes(lambda scale=scale, empty=empty, recompute=recompute: distill_loss(
+            model, s.input_ids[None], s.context_end, s.answer_mask, scale, sink=4, recent=8, empty_heads=empty,
+            prompt=prompt, checkpoint=recompute), held)
+        loss.backward()
+        results.append((loss.detach(), alpha.grad, kept))
+    (loss0, grad0, kept0), (loss1, grad1, kept1) = results
+    assert loss0.item() > 0 and grad0.abs().sum() > 0
+    assert torch.equal(loss0, loss1) and torch.equal(grad0, grad1)
+    assert kept1 < kept0 / 2, (kept0, kept1)
+
+
+def test_memory_check_refuses_a_context_that_does_not_fit_before_the_run(tiny_dir, tmp_path, monkeypatch):
+    """Before the first step (and before the run directory holds a run) a max_length sample is
+    tried; running out of memory there names the knob, and nothing is left to resume."""
+    import leank.train.trainer as trainer_module
+
+    def oom(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(trainer_module, "distill_loss", oom)
+    with pytest.raises(LeanKError, match=r"420-token sample: lower --max-length"):
+        train(config(tiny_dir, tmp_path / "run"), progress=False)
+    assert not (tmp_path / "run" / "config.json").exists()
+    monkeypatch.undo()
+    summary = train(config(tiny_dir, tmp_path / "run"), progress=False)  # the same --out works afterwards
+    assert summary["memory_check"]["tokens"] == 420
