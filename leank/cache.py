@@ -40,6 +40,7 @@ from .contract import DecodeView
 from .errors import LeanKError
 from .kernels import decode_attention, decode_attention_torch, fused_store, resolve_backend, store_step
 from .masks import ChannelMask, check_window
+from .parallel import kv_head_rows
 
 
 def _nbytes(*tensors: torch.Tensor | None) -> int:
@@ -88,8 +89,8 @@ class LeanKLayer(DynamicLayer):
         H, D = self.num_kv_heads, self.head_dim
         if tuple(self.kept.shape) != (H, D):
             raise LeanKError(
-                f"mask rows {tuple(self.kept.shape)} do not match this layer's K {(H, D)}: "
-                "use a mask made for this model"
+                f"mask rows {tuple(self.kept.shape)} do not match this layer's K {(H, D)}: use a mask made for "
+                "this model (under tensor parallelism, build the cache from the model, not its config)"
             )
         # Per-head tables (the contract's head_c/koff/voff/chan) and, for storing tokens,
         # where each packed K channel and each stored V element comes from in a token's
@@ -480,6 +481,10 @@ class LeanKCache(Cache):
     Without it the stores grow as needed (eager decoding only).
     ``backend``: decode attention (``"auto"``, ``"torch"``, ``"triton"``; see
     :mod:`leank.kernels`), resolved once here.
+
+    Under tensor parallelism (``from_pretrained(..., tp_plan=...)``, one cache per process,
+    built from the model) each process's cache holds its own KV heads with their mask rows
+    (:mod:`leank.parallel`); byte counts are per process (:func:`leank.parallel.sum_over_ranks`).
     """
 
     def __init__(
@@ -500,11 +505,12 @@ class LeanKCache(Cache):
         self.sink, self.recent, self.max_length = sink, recent, max_length
         self._check_attention()
         backend = resolve_backend(backend)
+        heads = kv_head_rows(model_or_config, mask.kept.shape[1])  # this process's KV heads (tensor parallelism)
         layers = []
         for window in layer_windows(config):
             if window is None:
-                layers.append(LeanKLayer(mask.kept[sum(isinstance(x, LeanKLayer) for x in layers)], sink=sink,
-                                         recent=recent, max_length=max_length, backend=backend))
+                kept = mask.kept[sum(isinstance(x, LeanKLayer) for x in layers)][heads]
+                layers.append(LeanKLayer(kept, sink=sink, recent=recent, max_length=max_length, backend=backend))
             elif max_length is None:
                 layers.append(DynamicSlidingWindowLayer(sliding_window=window))
             else:

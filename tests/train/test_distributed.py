@@ -7,10 +7,6 @@ single-process references are trained here. A hang fails the test after a timeou
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -22,6 +18,7 @@ from leank.masks import ChannelMask
 from leank.train import train
 from leank.train import trainer as trainer_mod
 
+from ..torchrun import ROOT, rank_log, torchrun
 from .test_train import config, tiny_dir  # noqa: F401  (tiny_dir is a fixture)
 
 pytestmark = [
@@ -31,7 +28,6 @@ pytestmark = [
     ),
 ]
 
-ROOT = Path(__file__).resolve().parents[2]
 TIMEOUT_S = 120
 # Global batch 3 over 2 processes: shares of 2 and 1 samples (weighting is tested too).
 # lr1 and λ such that the distillation gradient, not the L1 penalty, dominates stage 1 within 4 steps.
@@ -47,39 +43,8 @@ def cli_argv(model_dir, out) -> list[str]:
     return ["train", *(str(x) for option in options.items() for x in option)]
 
 
-def torchrun(spec_path: Path, log_dir: Path) -> None:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    worker = [str(ROOT / "tests/train/dist_worker.py"), str(spec_path)]
-    # per-rank stdout/stderr files under log_dir; a session of its own, for the last-resort kill below
-    cmd = [*launcher, "--log-dir", str(log_dir), "--redirects", "3", *worker]
-    proc = subprocess.Popen(
-        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
-    )
-    try:
-        out, _ = proc.communicate(timeout=TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        proc.terminate()  # torchrun stops its workers (which also end themselves: SIGALRM in dist_worker.py)
-        try:
-            proc.communicate(timeout=40)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.communicate()
-        pytest.fail(f"torchrun did not finish in {TIMEOUT_S} s (a hang in a collective?)\n{rank_logs(log_dir)}")
-    if proc.returncode != 0:
-        pytest.fail(f"torchrun failed ({proc.returncode}):\n{out[-3000:]}\n{rank_logs(log_dir)}")
-
-
-def rank_log(log_dir: Path, rank: int, stream: str) -> str:
-    return "".join(p.read_text(errors="replace") for p in log_dir.glob(f"**/attempt_0/{rank}/{stream}.log"))
-
-
-def rank_logs(log_dir: Path) -> str:
-    return "\n".join(
-        f"--- rank {r} {s} ---\n{rank_log(log_dir, r, s)[-3000:]}" for r in (0, 1) for s in ("stdout", "stderr")
-    )
+def run_jobs(spec_path: Path, log_dir: Path) -> None:
+    torchrun(ROOT / "tests/train/dist_worker.py", [str(spec_path)], log_dir, TIMEOUT_S)
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +82,7 @@ def runs(tiny_dir, tmp_path_factory):  # noqa: F811
     ]
     spec = tmp / "spec.json"
     spec.write_text(json.dumps({"jobs": jobs, "dump": str(tmp / "dump"), "timeout_s": TIMEOUT_S - 10}))
-    torchrun(spec, tmp / "logs")
+    run_jobs(spec, tmp / "logs")
     return tmp
 
 
