@@ -17,8 +17,9 @@ head-count distribution (:func:`leank.masks.authors_like_mask`: 0, 1/4, 1/2, 3/4
 channels kept): ``gemma2-9b-global`` is Gemma 2 9B's 21 global layers (its 21 sliding-window
 layers are never compressed; 16 query / 8 KV heads, head_dim 256, scaling 1/16, soft-capping
 at 50: LeanK applies it, while torch's SDPA backends cannot, so their figure is a lower
-bound of a dense decode that caps), at 8 × 8K (its context); ``phi3-mini`` is Phi-3-mini's
-32 layers (32 query and 32 KV heads, head_dim 96: the kernel pads it to 128 lanes).
+bound of a dense decode that caps), at 8 × 8K (its context); ``phi3-mini`` is Phi-3-mini-128k's
+32 layers (32 query and 32 KV heads, head_dim 96: the kernel pads it to 128 lanes; the 4k
+variant's 2047-token window makes every layer sliding, which LeanK refuses).
 
 ``--sweep`` first times a few kernel configurations (block, warps, stages, waves)
 on a subset of layers per shape and reports them; the main table uses the library's

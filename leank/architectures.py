@@ -35,7 +35,10 @@ UNSUPPORTED = {
     "gemma3n": "its layers share KV caches, which a per-layer LeanK store cannot provide",
     "gemma3": "pass the text model (Gemma3ForCausalLM, model type gemma3_text): image tokens attend "
               "bidirectionally in the multimodal model",
+    "mistral3": "a multimodal wrapper whose image tokens LeanK has not been tested with: pass the text model",
 }
+UNSUPPORTED["llama4_text"] = UNSUPPORTED["llama4"]
+UNSUPPORTED["gemma3n_text"] = UNSUPPORTED["gemma3n"]
 
 
 def text_config(config):
@@ -84,11 +87,14 @@ def compressed_layers(config) -> tuple[int, ...]:
 
 
 def check_supported(config) -> None:
-    """Refuse architectures whose attention LeanK does not handle, naming the reason."""
+    """Refuse architectures whose attention LeanK does not handle, naming the reason (the
+    wrapper's model type first: a multimodal wrapper is refused even if its decoder is not)."""
+    outer, inner = getattr(config, "model_type", None), getattr(text_config(config), "model_type", None)
+    for model_type in (outer, inner):
+        if model_type in UNSUPPORTED:
+            raise LeanKError(f"model type {model_type!r} is not supported by LeanK: {UNSUPPORTED[model_type]}")
     config = text_config(config)
     model_type = getattr(config, "model_type", None)
-    if model_type in UNSUPPORTED:
-        raise LeanKError(f"model type {model_type!r} is not supported by LeanK: {UNSUPPORTED[model_type]}")
     if model_type not in SUPPORTED:
         raise LeanKError(
             f"model type {model_type!r} is not supported by LeanK: use one of {', '.join(SUPPORTED)} "

@@ -38,6 +38,7 @@ from pathlib import Path
 
 import torch
 
+from .attention import enable
 from .cache import LeanKCache, cache_kwargs, dense_cache_nbytes
 from .errors import LeanKError
 from .masks import ChannelMask
@@ -49,7 +50,6 @@ LLAMA_8B_SHAPE = "llama3.1-8b-shape"
 
 def random_llama_8b(device, dtype=torch.bfloat16):
     """A model of Llama-3.1-8B's shape with random weights (speed and memory only)."""
-    from .attention import enable
     from .models import shape_model
 
     model = shape_model(LLAMA_8B_SHAPE, device=device, dtype=dtype)
@@ -122,14 +122,15 @@ def make_cache(method: str, model, mask: ChannelMask | None, max_length: int):
 
 
 def repeat_rows(cache, batch: int) -> None:
-    """Repeat a one-row cache to ``batch`` rows (transformers 5.17's StaticLayer has no
-    ``batch_repeat_interleave``: its buffers are repeated and marked static here)."""
-    from transformers import StaticCache
+    """Repeat a one-row cache to ``batch`` rows, layer by layer (transformers' static layers,
+    sliding ones included, have no ``batch_repeat_interleave``: their buffers are repeated and
+    marked static here)."""
+    from transformers.cache_utils import StaticLayer
 
-    if not isinstance(cache, StaticCache):
-        cache.batch_repeat_interleave(batch)
-        return
     for layer in cache.layers:
+        if not isinstance(layer, StaticLayer):
+            layer.batch_repeat_interleave(batch)
+            continue
         layer.keys = layer.keys.repeat_interleave(batch, dim=0)
         layer.values = layer.values.repeat_interleave(batch, dim=0)
         layer.batch_size = batch
@@ -162,7 +163,7 @@ def run_one(model, method: str, mask, *, batch: int, length: int, steps: int, wa
             copy_bw: float | None = None, compile_config=None) -> dict:
     """One (method, batch, prompt length) measurement; see the module docstring."""
     device = model.device
-    model.set_attn_implementation("leank" if method.startswith("leank") else "sdpa")
+    enable(model)  # dense caches' plain K/V take the model's own attention (SDPA, or eager where it caps/sinks)
     gen = torch.Generator(device="cpu").manual_seed(seed)
     ids = torch.randint(10, model.config.vocab_size - 10, (1, length), generator=gen).to(device)
     total = length + warmup + steps

@@ -34,7 +34,7 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLayer, StaticSlidingWindowLayer
 
-from .architectures import check_supported, layer_windows
+from .architectures import check_supported, layer_windows, text_config
 from .attention import Handle
 from .contract import DecodeView
 from .errors import LeanKError
@@ -492,7 +492,7 @@ class LeanKCache(Cache):
         max_length: int | None = None, backend: str | None = None,
     ):
         config = getattr(model_or_config, "config", model_or_config)
-        config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        config = text_config(config)
         check_supported(config)
         mask.check_config(config)
         sink = mask.sink if sink is None else sink
@@ -537,6 +537,15 @@ class LeanKCache(Cache):
                 for layer in self.leank_layers():
                     layer.length = length
         return self.layers[layer_idx].update(key_states, value_states, *args, **kwargs)
+
+    def reset(self) -> None:
+        """Forget the sequence (LeanK layers keep their buffers). A growing cache's sliding layers
+        start afresh: transformers 5.17's ``DynamicLayer.reset`` zeroes its tensors in place, and
+        the next prompt would be appended to those zeros."""
+        super().reset()
+        for i, layer in enumerate(self.layers):
+            if isinstance(layer, DynamicSlidingWindowLayer):
+                self.layers[i] = DynamicSlidingWindowLayer(sliding_window=layer.sliding_window)
 
     def leank_layers(self) -> list[LeanKLayer]:
         """The compressed layers, in model order."""

@@ -19,7 +19,8 @@ def _info(args) -> int:
     from .masks import ChannelMask
 
     if (args.mask is None) == (args.model is None):
-        raise LeanKError("pass a mask file or --model MODEL (the bundled mask picked for that model), not both")
+        raise LeanKError("pass a mask file or --model MODEL (the bundled mask picked for that model): "
+                         + ("not both" if args.mask is not None else "neither was given"))
     if args.model is not None:
         from .resources import bundled_mask_path
 

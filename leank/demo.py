@@ -59,15 +59,11 @@ def run_demo(
     prompt_len = len(tokenizer(sample.prompt, add_special_tokens=False).input_ids)
 
     runs = []
-    model.set_attn_implementation("sdpa")
-    dense = DynamicCache()
+    dense = DynamicCache(config=model.config)  # as transformers' default: sliding layers keep their window
     with torch.inference_mode():
         answer, seconds = _generate(model, tokenizer, sample.prompt, dense, max_new_tokens)
     runs.append(DemoRun("full cache", answer, _correct(answer, sample), dense_cache_nbytes(dense), seconds))
 
-    from .attention import enable
-
-    enable(model)
     cache = LeanKCache(model, mask, max_length=prompt_len + max_new_tokens)
     with torch.inference_mode():
         answer, seconds = _generate(model, tokenizer, sample.prompt, cache, max_new_tokens)

@@ -103,7 +103,10 @@ class ChannelMask:
         check_alignment(self.alignment, self.head_dim)
         check_window(self.sink, self.recent)
         if self.layers is not None:
-            layers = tuple(int(i) for i in self.layers)
+            try:
+                layers = tuple(int(i) for i in self.layers)
+            except (TypeError, ValueError):
+                raise LeanKError(f"mask layers must be model layer indices, got {self.layers!r}") from None
             if len(layers) != kept.shape[0] or sorted(set(layers)) != list(layers) or min(layers, default=0) < 0:
                 raise LeanKError(f"mask layers {list(layers)} must be {kept.shape[0]} ascending model layer "
                                  "indices, one per mask row")
@@ -207,6 +210,13 @@ class ChannelMask:
                 f"{expected}{where}: this mask was made for {self.model or 'another model'}; use a mask for this "
                 "model or make one with `leank train`"
             )
+        hybrid = hybrid_layers(config)
+        if hybrid is not None and self.layers is None:
+            raise LeanKError(
+                f"this model is hybrid (its full-attention layers are {list(hybrid)}) and the mask does not record "
+                "which layers its rows are for: use a mask made for this model (leank train and leank calibrate "
+                f"record them) or build it with layers={tuple(hybrid)}"
+            )
         if self.layers is not None and self.layers != compressed_layers(config):
             raise LeanKError(
                 f"this mask compresses layers {list(self.layers)}, but the model's full-attention layers are "
@@ -264,7 +274,7 @@ class ChannelMask:
             )
         except LeanKError as e:
             raise LeanKError(f"{path}: {e}") from None
-        except ValueError as e:
+        except (ValueError, TypeError) as e:
             raise LeanKError(f"{path}: corrupt mask metadata ({e})") from None
 
 

@@ -7,6 +7,7 @@ and picking one for a model: by alias, hub id or directory name, else by the con
 
 from __future__ import annotations
 
+import warnings
 from importlib import resources
 from pathlib import Path
 
@@ -79,12 +80,15 @@ def bundled_model(model) -> str:
         alias = _by_name(config._name_or_path)
         if alias:
             return alias
+    what = model if isinstance(model, str) else getattr(config, "_name_or_path", None) or type(model).__name__
     if config is not None and hasattr(config, "num_hidden_layers"):
         shape = _shape(config)
         for alias, known in MODEL_SHAPES.items():
             if shape == known:
+                warnings.warn(f"no bundled mask is named for {what!r}: using the {alias} mask, made for a model of "
+                              "the same shape (untested on other weights); pass a mask file to choose",
+                              stacklevel=2)
                 return alias
-    what = model if isinstance(model, str) else getattr(config, "_name_or_path", None) or type(model).__name__
     known = ", ".join(f"{alias} ({MODEL_NAMES[alias][0]})" for alias in BUNDLED_MASKS)
     raise LeanKError(f"no bundled mask for {what!r}: bundled masks exist for {known}; pass a mask file "
                      "(--mask), or make one with `leank train` or `leank calibrate`")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from transformers import CompileConfig
 
@@ -51,11 +52,16 @@ def test_step_read_bytes_from_the_definition():
     assert bench.kv_bytes_needed("full", model, None, 3, 50) == 2 * 3 * 50 * 2 * 16 * 2 * 4
 
 
-def test_every_method_runs_on_cpu():
+@pytest.mark.parametrize("arch", ["llama", "gemma2"])  # gemma2: sliding layers, soft-capping (eager dense)
+def test_every_method_runs_on_cpu(arch):
     """The measurement loop of each method (compiled ones through transformers' compile call,
-    here with dynamo's eager backend on the CPU): a row with consistent figures."""
-    model = tiny_model("llama", layers=2, kv_heads=2, groups=2, head_dim=16, vocab=97)
-    mask = leank.ChannelMask.random(2, 2, 16, sparsity=0.5, alignment=4, generator=torch.Generator().manual_seed(0))
+    here with dynamo's eager backend on the CPU): a row with consistent figures, the cache
+    repeated to 3 rows."""
+    from leank.masks import hybrid_layers, kv_shape
+
+    model = tiny_model(arch, layers=2, kv_heads=2, groups=2, head_dim=16, vocab=97)
+    mask = leank.ChannelMask.random(*kv_shape(model.config), sparsity=0.5, alignment=4,
+                                    generator=torch.Generator().manual_seed(0), layers=hybrid_layers(model.config))
     config = CompileConfig(backend="eager", fullgraph=True)
     config._compile_all_devices = True
     for method in bench.METHODS:

@@ -153,6 +153,22 @@ def full_attention_layers(config) -> list[int]:
     return [i for i, t in enumerate(types) if t == "full_attention"]
 
 
+@pytest.mark.parametrize("arch", ["gemma2", "gpt_oss", "gemma3"])
+def test_hybrid_mask_rows_map_to_their_layers(arch):
+    """Six layers, three compressed with three different masks: each row reaches its own layer
+    (the reference is told the layers); told another order, the reference disagrees."""
+    gen = torch.Generator().manual_seed(torch.seed() % 2**31)
+    model = tiny_model(arch, layers=6, kv_heads=2, head_dim=32, qk_gain=3.0)
+    layers = full_attention_layers(model.config)
+    counts = torch.tensor([[0, 32], [8, 16], [24, 0]])[: len(layers)]
+    mask = mask_with_counts(len(layers), 2, 32, counts, gen).with_meta(layers=tuple(layers))
+    ids, am = left_padded([40, 23], 97, gen)
+    kw = dict(sink=4, recent=8, new_tokens=30)
+    run_and_compare(model, mask, ids, am, layers=layers, max_length=80, **kw)
+    with pytest.raises(AssertionError):
+        run_and_compare(model, mask, ids, am, layers=[layers[1], layers[0], *layers[2:]], **kw)
+
+
 @pytest.mark.parametrize("static", [False, True])
 def test_every_architecture_matches_reference(arch, static):
     """Random masks on each architecture (its scaling, soft-capping, sinks and sliding-window

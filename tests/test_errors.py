@@ -118,6 +118,32 @@ def test_mask_for_the_wrong_layers_of_a_hybrid_model():
     with pytest.raises(LeanKError, match="ascending model layer indices") as e:
         ChannelMask.full(2, 2, 16, layers=(3, 1))
     one_line(e)
+    # a mask of the right shape that does not say which layers its rows are for (e.g. one made for a
+    # plain 2-layer model) would be mapped silently to layers 1 and 3
+    with pytest.raises(LeanKError, match=r"hybrid \(its full-attention layers are \[1, 3\]\) and the mask does "
+                                         r"not record") as e:
+        leank.LeanKCache(model, ChannelMask.full(2, 2, 16))
+    one_line(e)
+    with pytest.raises(LeanKError, match="mask layers must be model layer indices") as e:
+        ChannelMask.full(2, 2, 16, layers=5)
+    one_line(e)
+
+
+@pytest.mark.parametrize("name, reason", [
+    ("Gemma3Config", "'gemma3' is not supported by LeanK: pass the text model"),
+    ("Mistral3Config", "'mistral3' is not supported by LeanK: a multimodal wrapper"),
+    ("Llama4TextConfig", "'llama4_text' is not supported by LeanK: its chunked-attention layers"),
+    ("Gemma3nTextConfig", "'gemma3n_text' is not supported by LeanK: its layers share KV caches"),
+])
+def test_wrappers_and_text_configs_are_refused_with_their_reason(name, reason):
+    """A multimodal wrapper is refused by its own type (even where its decoder is supported)."""
+    import transformers
+
+    if not hasattr(transformers, name):
+        pytest.skip(f"transformers {transformers.__version__} has no {name}")
+    with pytest.raises(LeanKError, match=reason) as e:
+        leank.models.check_supported(getattr(transformers, name)())
+    one_line(e)
 
 
 def test_cache_with_another_attention_backend():

@@ -83,20 +83,22 @@ def test_prompt_shorter_than_sink_plus_recent_full_mask(sink, recent):
 
 
 @pytest.mark.parametrize("static", [False, True])
-def test_cache_reset_and_reuse(static):
-    model = tiny_model("llama", qk_gain=3.0)
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])  # gemma3: sliding layers (transformers 5.17's reset zeroes)
+def test_cache_reset_and_reuse(static, arch):
+    model = tiny_model(arch, qk_gain=3.0)
     gen = torch.Generator().manual_seed(torch.seed() % 2**31)
     ids, am = left_padded([20, 9], 97, gen)
     leank.enable(model)
-    mask = leank.ChannelMask.random(2, 2, 16, sparsity=0.5, alignment=4, generator=gen)
+    mask = leank.ChannelMask.random(*kv_shape(model.config), sparsity=0.5, alignment=4, generator=gen,
+                                    layers=hybrid_layers(model.config))
     cache = leank.LeanKCache(model, mask, sink=2, recent=4, max_length=32 if static else None)
     kw = dict(input_ids=ids, attention_mask=am, max_new_tokens=12, do_sample=False, pad_token_id=0)
     first = model.generate(**kw, **leank.cache_kwargs(cache))
-    buffers = [t.data_ptr() for t in (cache.layers[0].mid_k, cache.layers[0].ring_k, cache.layers[0].seen)]
+    layer = cache.leank_layers()[0]
+    buffers = [t.data_ptr() for t in (layer.mid_k, layer.ring_k, layer.seen)]
     cache.reset()
     assert cache.get_seq_length() == 0
     again = model.generate(**kw, **leank.cache_kwargs(cache))
     assert torch.equal(first, again)
     if static:  # the same buffers (a compiled step captured with their addresses stays valid)
-        assert buffers == [t.data_ptr() for t in (cache.layers[0].mid_k, cache.layers[0].ring_k,
-                                                  cache.layers[0].seen)]
+        assert buffers == [t.data_ptr() for t in (layer.mid_k, layer.ring_k, layer.seen)]

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 pytest.importorskip("triton")
 
+import leank  # noqa: E402
 from leank.cache import LeanKLayer  # noqa: E402
 from leank.errors import LeanKError  # noqa: E402
 from leank.kernels import decode_attention, decode_attention_torch, resolve_backend  # noqa: E402
@@ -189,6 +190,8 @@ def stores(layer: LeanKLayer) -> dict[str, torch.Tensor]:
     (64, [0, 16, 7, 64], 3, [0, 9], 12, 42),  # a padded row's sink fills while decoding; the last slot used
     (128, [32, 0, 128], 4, [2, 0, 5], 3, None),  # prompt shorter than sink + ring; growing stores
     (96, [0, 0], 2, [0], 30, 60),  # no middle store at all; head_dim not a power of two
+    (96, [48, 0, 96], 2, [3, 0], 20, None),  # head_dim 96 with a middle store
+    (256, [64, 0], 1, [0, 4], 10, 45),  # head_dim 256
 ])
 def test_store_kernel_matches_the_torch_update(D, counts, sink, pads, prompt, max_length):
     """The fused update kernel (Triton; the interpreter on a CPU) leaves every store as the
@@ -309,3 +312,37 @@ def test_cuda_graph_replay_across_steps(dtype):
         graph.replay()
         check_step(hist, q_in, out, dtype, 1 / math.sqrt(D))
     assert layer.middle_length() == moved_before + 40
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["gemma2", "gpt_oss", "phi3"])  # soft-capping; sinks; head_dim 96
+def test_generate_through_the_triton_kernels_equals_the_torch_path(arch):
+    """``generate()`` with the Triton backend (decode and store kernels; the interpreter on a
+    CPU) gives the torch backend's tokens and logits, growing and static, on architectures whose
+    attention has extra terms."""
+    from leank.masks import hybrid_layers, kv_shape, mask_from_counts
+
+    from .conftest import left_padded, tiny_model
+
+    D = 96 if arch == "phi3" else 64
+    gen = torch.Generator().manual_seed(torch.seed() % 2**31)
+    model = tiny_model(arch, layers=2, kv_heads=2, groups=2, head_dim=D, qk_gain=3.0).to(DEVICE)
+    leank.enable(model)
+    L, H, _ = kv_shape(model.config)
+    counts = torch.tensor([[0, D // 2]] * L)
+    counts[-1] = torch.tensor([D - 16, 16])
+    mask = leank.ChannelMask(mask_from_counts(torch.rand(L, H, D, generator=gen), counts),
+                             layers=hybrid_layers(model.config))
+    ids, am = (t.to(DEVICE) for t in left_padded([14, 9], 97, gen))
+    for static in (None, 30) if arch == "phi3" else (None,):
+        runs = []
+        for backend in ("torch", "triton"):
+            cache = leank.LeanKCache(model, mask, sink=2, recent=3, max_length=static, backend=backend)
+            out = model.generate(input_ids=ids, attention_mask=am, max_new_tokens=10, min_new_tokens=10,
+                                 do_sample=False, pad_token_id=0, output_logits=True, return_dict_in_generate=True,
+                                 disable_compile=True, **leank.cache_kwargs(cache))
+            assert cache.leank_layers()[0].middle_length() > 0
+            runs.append((out.sequences, torch.stack(out.logits, 1)))
+        (tokens0, logits0), (tokens1, logits1) = runs
+        assert torch.equal(tokens0, tokens1)
+        torch.testing.assert_close(logits1, logits0, rtol=1e-5, atol=1e-5)

@@ -159,7 +159,7 @@ class FullMethod:
     bytes_kind: str = "allocated"
 
     def new_cache(self, model, *, max_length: int | None = None) -> Cache:
-        return DynamicCache()
+        return DynamicCache(config=model.config)  # sliding layers keep their window, as transformers' default
 
     def kv_bytes(self, cache: Cache) -> tuple[int, int]:
         held = dense_cache_nbytes(cache)
