@@ -73,6 +73,13 @@ def layer_windows(config) -> list[int | None]:
     return out
 
 
+def kv_heads_and_dim(config) -> tuple[int, int]:
+    """(KV heads, head_dim) of a decoder config (``head_dim`` defaults to hidden / heads)."""
+    c = text_config(config)
+    kv_heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+    return kv_heads, getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+
+
 def compressed_layers(config) -> tuple[int, ...]:
     """Indices of the layers LeanK compresses (the full-attention layers); a ``LeanKError`` when none."""
     windows = layer_windows(config)

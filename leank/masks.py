@@ -26,17 +26,14 @@ import torch
 
 from ._defaults import DEFAULT_RECENT, DEFAULT_SINK
 from ._io import atomic_write
-from .architectures import compressed_layers, text_config
+from .architectures import compressed_layers, kv_heads_and_dim, text_config
 from .errors import LeanKError
 
 
 def kv_shape(config) -> tuple[int, int, int]:
     """``(layers, kv_heads, head_dim)`` of a transformers config's masks: ``layers`` counts the
     layers LeanK compresses (every layer, or a hybrid model's full-attention layers)."""
-    config = text_config(config)
-    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    return len(compressed_layers(config)), kv_heads, head_dim
+    return (len(compressed_layers(config)), *kv_heads_and_dim(config))
 
 
 def hybrid_layers(config) -> tuple[int, ...] | None:

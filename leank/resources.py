@@ -55,12 +55,10 @@ def _by_name(name: str) -> str | None:
 
 
 def _shape(config) -> tuple:
-    from .architectures import text_config
+    from .architectures import kv_heads_and_dim, text_config
 
     c = text_config(config)
-    kv_heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
-    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    return (c.model_type, c.num_hidden_layers, kv_heads, head_dim, c.hidden_size, c.vocab_size)
+    return (c.model_type, c.num_hidden_layers, *kv_heads_and_dim(c), c.hidden_size, c.vocab_size)
 
 
 def bundled_model(model) -> str:
