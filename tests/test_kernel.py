@@ -316,3 +316,34 @@ def test_cuda_graph_replay_across_steps(dtype):
         graph.replay()
         check_step(hist, q_in, out, dtype, 1 / math.sqrt(D))
     assert layer.middle_length() == moved_before + 40
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("quant", [KVQuant(8), KVQuant(4), KVQuant(4, 16)], ids=str)
+@pytest.mark.parametrize("case", [
+    # odd and unaligned counts (int4: a half-used byte), a full head, an empty one, many splits
+    dict(B=2, H=5, G=3, D=64, counts=[0, 5, 16, 23, 64], sink=4, recent=8, pads=[0, 37], prompt=150, programs=512,
+         store="auto"),
+    # D 128 (Llama), G 4, static capacity, the fused store kernel writing the quantised middle
+    dict(B=1, H=4, G=4, D=128, counts=[32, 0, 128, 96], sink=2, recent=16, pads=[0], prompt=83, programs=None,
+         max_length=200, store="triton"),
+], ids=["d64-odd", "d128-fused-store"])
+def test_quantised_kernel_matches_the_torch_path(case, quant, dtype):
+    """The kernel dequantising in its loads against the torch reference (which dequantises with
+    leank.quant and is itself checked against a float64 reference in test_quant_cache.py), at
+    every step while tokens move into the quantised middle store."""
+    case = dict(case)
+    gen = torch.Generator().manual_seed(torch.seed() % 2**31)
+    B, H, G, D, programs = case.pop("B"), case.pop("H"), case.pop("G"), case["D"], case.pop("programs")
+    hist = History(B=B, H=H, D=case.pop("D"), kept=random_kept(H, D, case.pop("counts"), gen), dtype=dtype, gen=gen,
+                   quant=quant, backend=case.pop("store"), **case)
+    for _ in range(4):
+        hist.step()
+        query = hist._rand(B, H * G, 1, D)
+        out = torch.full((B, H * G, 1, D), float("nan"), dtype=dtype, device=DEVICE)
+        td.decode_attention_triton(query, hist.layer.view, D**-0.5, out=out, programs=programs)
+        expect = decode_attention_torch(query.float(), hist.layer.view, D**-0.5)  # fp32 torch path
+        assert torch.isfinite(out).all()
+        tol = 1e-5 if dtype == torch.float32 else 4e-3
+        assert rel_err(out, expect.double()) <= tol, rel_err(out, expect.double())
+    assert hist.layer.middle_length() > 0
