@@ -142,7 +142,10 @@ def parse_method(text: str, *, alignment: int = 16, seed: int = 0) -> MethodSpec
         return MethodSpec("quantized", quant=parse_quant(arg))
     base, plus, quant_text = arg.rpartition("+")
     quant = None
-    if plus and kind in MASK_KINDS and quant_text.startswith("int"):
+    if plus and quant_text.startswith("int"):
+        if kind not in MASK_KINDS:
+            raise LeanKError(f"method {text!r}: {kind} has no quantised variant (+int8/+int4 follow a mask method: "
+                             f"{', '.join(MASK_KINDS)})")
         arg, quant = base, parse_quant(quant_text)
     if kind not in KINDS:
         raise LeanKError(f"unknown method {text!r}: use full, leank:PATH, or one of "
