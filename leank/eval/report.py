@@ -1,6 +1,6 @@
 """``leank report RESULTS_DIR``: the tables and plots of an evaluation directory.
 
-    write_report("runs/eval")   # → report.md, accuracy_vs_sparsity.png, accuracy_vs_kv_bytes.png, agreement_vs_sparsity.png
+    write_report("runs/eval")   # → report.md, accuracy_vs_sparsity.png, accuracy_vs_kv_bytes.png, agreement_….png
 
 Reads every ``<method>/<task>/<length>/metrics.json`` the runner wrote, so a partially
 finished directory reports what is done (missing cells show ``–``; each average says how
