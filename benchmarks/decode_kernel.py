@@ -21,6 +21,14 @@ bound of a dense decode that caps), at 8 × 8K (its context); ``phi3-mini`` is P
 32 layers (32 query and 32 KV heads, head_dim 96: the kernel pads it to 128 lanes; the 4k
 variant's 2047-token window makes every layer sliding, which LeanK refuses).
 
+``--quant int8 int4`` adds the kernel over a quantised middle store (:class:`leank.KVQuant`,
+groups of 32; dequantised in the kernel's loads) for the same layers, as ``leank-int8`` /
+``leank-int4`` columns; its bytes are codes + scales + zero points (plus sink and window in
+bf16), its speed-up is over the faster dense backend too:
+
+    python benchmarks/decode_kernel.py --models llama3.1-8b --shapes 8x32768 1x131072 --quant int8 int4 \
+        --out benchmarks/results/decode_kernel_quant_h200
+
 ``--sweep`` first times a few kernel configurations (block, warps, stages, waves)
 on a subset of layers per shape and reports them; the main table uses the library's
 default configuration unless ``--use-best`` is given.
@@ -44,6 +52,7 @@ from _env import environment  # noqa: E402
 from leank._io import atomic_write_json, atomic_write_text  # noqa: E402
 from leank.cache import LeanKLayer  # noqa: E402
 from leank.masks import ChannelMask, authors_like_mask  # noqa: E402
+from leank.quant import parse_quant  # noqa: E402
 from leank.resources import bundled_mask_path  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -101,9 +110,9 @@ def bench(fn, reps: int = 20, trials: int = 7) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def build_layer(kept, k, v, sink, recent) -> LeanKLayer:
-    """A LeanK layer holding the prompt ``k``/``v`` compressed, plus one decoded token."""
-    layer = LeanKLayer(kept.to(k.device), sink=sink, recent=recent, max_length=k.shape[2] + 1)
+def build_layer(kept, k, v, sink, recent, quant=None) -> LeanKLayer:
+    """A LeanK layer holding the prompt ``k``/``v`` compressed (``quant``: quantised), plus one decoded token."""
+    layer = LeanKLayer(kept.to(k.device), sink=sink, recent=recent, max_length=k.shape[2] + 1, quant=quant)
     layer.update(k, v)
     layer.after_prefill(None, torch.zeros(k.shape[0], dtype=torch.long, device=k.device))
     layer.update(k[:, :, -1:].clone(), v[:, :, -1:].clone())
@@ -111,15 +120,12 @@ def build_layer(kept, k, v, sink, recent) -> LeanKLayer:
 
 
 def leank_read_bytes(layer: LeanKLayer) -> int:
-    """K/V bytes one decode step must read from this layer's LeanK store (batch rows, no padding)."""
-    elem = layer.ring_k.element_size()
+    """K/V bytes one decode step must read from this layer's LeanK store (batch rows, no padding;
+    a quantised middle token: its codes, scales and zero points)."""
     seen, ring = int(layer.seen), layer.ring_k.shape[2]
     full_tokens = min(layer.sink, max(0, seen - ring)) + min(seen, ring)
-    middle = layer.middle_length()
-    counts = layer.kept.sum(-1)
-    middle_per_token = int(counts.sum()) + layer.head_dim * int((counts > 0).sum())
-    per_row = full_tokens * layer.num_kv_heads * 2 * layer.head_dim + middle * middle_per_token
-    return layer.batch * per_row * elem
+    full_token, middle_token = layer._token_bytes()
+    return layer.batch * (full_tokens * full_token + layer.middle_length() * middle_token)
 
 
 def dense_fns(q, k, v, scaling):
@@ -173,8 +179,11 @@ def main() -> None:
     parser.add_argument("--sweep", action="store_true",
                         help="time kernel configurations on a layer subset first (Llama shape only)")
     parser.add_argument("--use-best", action="store_true", help="main table with the sweep's best configuration")
+    parser.add_argument("--quant", nargs="*", default=[], metavar="FORMAT",
+                        help="also time the kernel over a quantised middle store: int8, int4, int4g64 ...")
     parser.add_argument("--out", default="benchmarks/results/decode_kernel")
     args = parser.parse_args()
+    quants = [parse_quant(text) for text in args.quant]
     if not torch.cuda.is_available():
         sys.exit("decode_kernel.py needs a CUDA GPU")
     device = torch.device("cuda")
@@ -243,6 +252,24 @@ def main() -> None:
             del k, v
             torch.cuda.empty_cache()
             dense_best = min(row.get("sdpa-cudnn_ms", math.inf), row.get("sdpa-flash_ms", math.inf))
+            if quants:
+                k = torch.randn(B, H, T, D, device=device, dtype=torch.bfloat16)
+                v = torch.randn(B, H, T, D, device=device, dtype=torch.bfloat16)
+            for quant in quants:
+                q_ms, q_bytes = 0.0, 0
+                for i in layer_ids:
+                    layer = build_layer(mask.kept[i], k, v, mask.sink, mask.recent, quant)
+                    q_ms += run_leank([layer], q, scaling, config, softcap)
+                    q_bytes += leank_read_bytes(layer)
+                    del layer
+                name = f"leank-{quant.label}"
+                row.update({f"{name}_ms": q_ms, f"{name}_bytes": q_bytes,
+                            f"{name}_bytes_fraction": q_bytes / (dense_bytes * mask.num_layers),
+                            f"{name}_tbs": q_bytes / q_ms / 1e9, f"{name}_speedup_vs_best_dense": dense_best / q_ms,
+                            f"{name}_tbs_over_copy": q_bytes / q_ms / 1e9 / copy_tbs})
+            if quants:
+                del k, v
+                torch.cuda.empty_cache()
             row.update({
                 "leank_ms": total_ms, "leank_bytes": total_bytes,
                 "leank_bytes_fraction": total_bytes / (dense_bytes * mask.num_layers),
@@ -289,6 +316,18 @@ def markdown(rows: list[dict], copy_tbs: float) -> str:
             f"{cell('leank')} | {r['leank_bytes_fraction']:.3f} | {r['speedup_vs_best_dense']:.2f}× | "
             f"{r['leank_tbs_over_copy']:.0%} |"
         )
+    quant_names = sorted({key[: -len("_bytes_fraction")] for r in rows for key in r
+                          if key.startswith("leank-") and key.endswith("_bytes_fraction")})
+    if quant_names:
+        lines += ["", "Quantised middle store (codes + scales + zero points; bytes vs the dense bf16 K/V):", "",
+                  "| model | batch × tokens | method | ms (TB/s) | bytes | speed-up vs best dense | TB/s / copy |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in rows:
+            for name in quant_names:
+                if f"{name}_ms" in r:
+                    lines.append(f"| {r['model']} | {r['batch']} × {r['tokens']} | {name} | {r[name + '_ms']:.3f} "
+                                 f"({r[name + '_tbs']:.2f}) | {r[name + '_bytes_fraction']:.3f} | "
+                                 f"{r[name + '_speedup_vs_best_dense']:.2f}× | {r[name + '_tbs_over_copy']:.0%} |")
     return "\n".join(lines) + "\n"
 
 

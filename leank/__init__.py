@@ -16,11 +16,13 @@ from .errors import LeanKError
 from .kernels import decode_attention
 from .masks import ChannelMask, binarize
 from .models import load_model, load_tokenizer
+from .quant import KVQuant
 from .resources import bundled_mask_path
 
 __all__ = [
     "ChannelMask",
     "DecodeView",
+    "KVQuant",
     "LeanKCache",
     "LeanKError",
     "LeanKLayer",

@@ -42,9 +42,11 @@ from .attention import enable
 from .cache import LeanKCache, cache_kwargs, dense_cache_nbytes
 from .errors import LeanKError
 from .masks import ChannelMask
+from .quant import KVQuant
 
-METHODS = ("full", "full-compiled", "leank-eager", "leank")
-COMPILED = ("full-compiled", "leank")
+METHODS = ("full", "full-compiled", "leank-eager", "leank", "leank-int8", "leank-int4")
+DEFAULT_METHODS = METHODS[:4]
+COMPILED = ("full-compiled", "leank", "leank-int8", "leank-int4")  # leank-intN: the compiled step, middle quantised
 LLAMA_8B_SHAPE = "llama3.1-8b-shape"
 
 
@@ -118,7 +120,8 @@ def make_cache(method: str, model, mask: ChannelMask | None, max_length: int):
         return DynamicCache(config=model.config)
     if method == "full-compiled":
         return StaticCache(config=model.config, max_cache_len=max_length)
-    return LeanKCache(model, mask, max_length=max_length)
+    quant = KVQuant(bits=int(method.removeprefix("leank-int"))) if method.startswith("leank-int") else None
+    return LeanKCache(model, mask, max_length=max_length, quant=quant)
 
 
 def repeat_rows(cache, batch: int) -> None:
@@ -270,7 +273,7 @@ def load(model_name: str, mask_path: str | None, device):
     return model, mask
 
 
-def bench(model_name: str, *, mask_path=None, lengths=(8192,), batches=(1,), budget_gib=None, methods=METHODS,
+def bench(model_name: str, *, mask_path=None, lengths=(8192,), batches=(1,), budget_gib=None, methods=DEFAULT_METHODS,
           steps=32, warmup=4, progress=print) -> dict:
     if not torch.cuda.is_available():
         raise LeanKError("leank bench measures GPU decoding: no CUDA device is available")
@@ -395,7 +398,8 @@ def register(sub) -> None:
     p.add_argument("--lengths", type=int, nargs="+", default=[8192])
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     p.add_argument("--budget-gib", type=float, default=None, help="find the largest batch within this memory")
-    p.add_argument("--methods", nargs="+", default=list(METHODS), help=f"any of {', '.join(METHODS)}")
+    p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS),
+                   help=f"any of {', '.join(METHODS)} (default: the first four)")
     p.add_argument("--steps", type=int, default=32)
     p.add_argument("--warmup", type=int, default=4, help="untimed steps first (compiled methods compile in them)")
     p.add_argument("--out", default=None, help="directory for results.json and results.md")

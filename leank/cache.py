@@ -41,6 +41,7 @@ from .errors import LeanKError
 from .kernels import decode_attention, decode_attention_torch, fused_store, resolve_backend, store_step
 from .masks import ChannelMask, check_window
 from .parallel import kv_head_rows
+from .quant import KVQuant, quantize
 
 
 def _nbytes(*tensors: torch.Tensor | None) -> int:
@@ -61,10 +62,11 @@ class LeanKLayer(DynamicLayer):
     is_croppable = False
 
     def __init__(self, kept: torch.Tensor, *, sink: int, recent: int, max_length: int | None = None,
-                 backend: str = "auto"):
+                 backend: str = "auto", quant: KVQuant | None = None):
         super().__init__()
         self.kept = kept.to(torch.bool)  # [H_kv, D]
         self.sink, self.recent, self.max_length, self.backend = sink, recent, max_length, backend
+        self.quant = quant
         self.is_compileable = max_length is not None
         counts = self.kept.sum(-1)
         self.head_counts = tuple(int(c) for c in counts)
@@ -81,6 +83,7 @@ class LeanKLayer(DynamicLayer):
         self.length = 0  # tokens stored (host copy of `seen`; not kept up by compiled steps)
         self.capacity = 0  # middle token slots, scratch excluded
         self.sink_k = self.sink_v = self.ring_k = self.ring_v = self.mid_k = self.mid_v = self.pads = None
+        self.mid_kp = self.mid_vp = None
         self.sink_full = False
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -99,21 +102,24 @@ class LeanKLayer(DynamicLayer):
         head_koff = torch.zeros(H, dtype=torch.int32)
         head_voff = torch.zeros(H, dtype=torch.int32)
         head_chan = torch.zeros(H, D, dtype=torch.int32)
+        head_kpoff = torch.zeros(H, dtype=torch.int32)
         k_src, k_head, k_col, v_head = [], [], [], []
-        koff = voff = 0
+        koff = voff = kpoff = 0
         for h, c in enumerate(self.head_counts):
             if not c:
                 continue
             channels = self.kept[h].nonzero().flatten()
-            head_koff[h], head_voff[h] = koff, voff
+            head_koff[h], head_voff[h], head_kpoff[h] = koff, voff, kpoff
             head_chan[h, :c] = channels
             k_src += (h * D + channels).tolist()
             k_head += [koff] * c
             k_col += list(range(c))
             v_head.append(voff)
-            koff, voff = koff + c, voff + 1
+            koff, voff, kpoff = koff + self._k_row(c), voff + 1, kpoff + self._kp_row(c)
         dev = self.device
         self.tables = tuple(t.to(dev) for t in (head_c, head_koff, head_voff, head_chan))
+        self.head_kpoff = head_kpoff.to(dev) if self.quant else None
+        self.quant_rows = self._quant_rows(head_koff, head_kpoff) if self.quant else []
         long = dict(dtype=torch.long, device=dev)
         kept_heads = [h for h, c in enumerate(self.head_counts) if c]
         self.k_src = torch.tensor(k_src, **long)
@@ -127,8 +133,45 @@ class LeanKLayer(DynamicLayer):
         self.c0 = torch.zeros((), **long)
         # Static too: CUDA graphs copy every non-static tensor input in at each replay.
         _mark_static(*self.tables, self.k_src, self.k_head_off, self.k_col, self.k_step, self.v_src,
-                     self.v_head_off, self.v_col)
+                     self.v_head_off, self.v_col, *self._quant_index())
         self.is_initialized = True
+
+    # ---- the quantised middle store (leank.contract; leank.quant) -----------------------
+    def _k_row(self, c: int) -> int:
+        """``mid_k`` elements per slot of a head keeping ``c`` channels (codes when quantised)."""
+        return self.quant.row_bytes(c) if self.quant else c
+
+    def _kp_row(self, c: int) -> int:
+        """``mid_kp`` elements (scale, zero pairs) per slot of such a head."""
+        return 2 * self.quant.row_groups(c) if self.quant else 0
+
+    def _v_rows(self) -> tuple[int, int]:
+        """``mid_v`` and ``mid_vp`` elements per slot of a head that keeps channels."""
+        D = self.head_dim
+        return (self.quant.row_bytes(D), 2 * self.quant.row_groups(D)) if self.quant else (D, 0)
+
+    def _quant_rows(self, head_koff: torch.Tensor, head_kpoff: torch.Tensor) -> list[dict]:
+        """The rows a token's quantised middle write is made of, one entry per kind (K rows by kept
+        count, then V): ``src`` ``[heads, n]`` indices into the token's flattened ``[H * D]``, each
+        head's code and params offsets (per slot units), the row widths and the target buffers."""
+        D, dev = self.head_dim, self.device
+        rows = []
+        for c in sorted({c for c in self.head_counts if c}):
+            heads = [h for h, hc in enumerate(self.head_counts) if hc == c]
+            src = torch.stack([h * D + self.kept[h].nonzero().flatten() for h in heads])
+            rows.append(dict(src=src.to(dev), n=c, codes="mid_k", params="mid_kp", code_off=head_koff[heads].tolist(),
+                             param_off=head_kpoff[heads].tolist(), code_w=self._k_row(c), param_w=self._kp_row(c)))
+        kept_heads = [h for h, c in enumerate(self.head_counts) if c]
+        if kept_heads:
+            vb, vp = self._v_rows()
+            src = torch.tensor(kept_heads, device=dev)[:, None] * D + torch.arange(D, device=dev)
+            rows.append(dict(src=src, n=D, codes="mid_v", params="mid_vp", code_off=[i * vb for i in range(len(src))],
+                             param_off=[i * vp for i in range(len(src))], code_w=vb, param_w=vp))
+        return rows
+
+    def _quant_index(self) -> list[torch.Tensor]:
+        return [t for row in self.quant_rows for t in (row["src"], row.get("code_base"), row.get("param_base"))
+                if t is not None] + ([self.head_kpoff] if self.head_kpoff is not None else [])
 
     # ---- the transformers contract --------------------------------------------------
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
@@ -219,7 +262,8 @@ class LeanKLayer(DynamicLayer):
 
     # ---- batch operations (beam search, batch expansion) ------------------------------
     def _rows(self) -> tuple[str, ...]:
-        return ("sink_k", "sink_v", "ring_k", "ring_v", "mid_k", "mid_v", "pads")
+        quantised = ("mid_kp", "mid_vp") if self.quant else ()
+        return ("sink_k", "sink_v", "ring_k", "ring_v", "mid_k", "mid_v", *quantised, "pads")
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         if self.view is not None:  # in place: the buffers keep their addresses (CUDA graphs)
@@ -275,33 +319,52 @@ class LeanKLayer(DynamicLayer):
     def _layout_middle(self, capacity: int) -> None:
         """(Re)allocate the middle store for ``capacity`` token slots (plus one scratch slot)
         and copy what it holds."""
-        old = (self.mid_k, self.mid_v, self.capacity + 1) if self.capacity else None
-        slots, B, D = capacity + 1, self.batch, self.head_dim
-        kw = dict(dtype=self.dtype, device=self.device)
-        self.mid_k = torch.zeros(B, max(1, slots * self.middle_width), **kw)
-        self.mid_v = torch.zeros(B, max(1, slots * self.kv_heads * D), **kw)
-        if old is not None:
-            old_k, old_v, old_slots = old
-            used = old_slots - 1
-            for h, c in enumerate(self.head_counts):
-                if c:
-                    ko, vo = int(self.tables[1][h]), int(self.tables[2][h])
-                    k_new, k_old = ko * slots, ko * old_slots
-                    v_new, v_old = vo * slots * D, vo * old_slots * D
-                    self.mid_k[:, k_new : k_new + used * c] = old_k[:, k_old : k_old + used * c]
-                    self.mid_v[:, v_new : v_new + used * D] = old_v[:, v_old : v_old + used * D]
+        old_slots = self.capacity + 1
+        slots, B = capacity + 1, self.batch
+        for name, dtype, heads in self._middle_buffers():
+            old = getattr(self, name) if self.capacity else None
+            width = sum(w for _, w in heads)
+            setattr(self, name, torch.zeros(B, max(1, slots * width), dtype=dtype, device=self.device))
+            if old is not None:  # each head's used slots move to its new place
+                new, used = getattr(self, name), old_slots - 1
+                for off, w in heads:
+                    new[:, off * slots : off * slots + used * w] = old[:, off * old_slots : off * old_slots + used * w]
         self.capacity = capacity
-        # Where slot 0 of each packed K channel / stored V element lives; slot i adds i * step.
+        # Where slot 0 of each packed K channel / stored V element (or code byte and scale/zero
+        # pair of each quantised row) lives; slot i adds i * the row's width.
         self.k_base = self.k_head_off * slots + self.k_col
-        self.v_base = self.v_head_off * slots * D + self.v_col
-        _mark_static(self.mid_k, self.mid_v, self.k_base, self.v_base)
+        self.v_base = self.v_head_off * slots * self.head_dim + self.v_col
+        for row in self.quant_rows:
+            off = torch.tensor(row["code_off"], dtype=torch.long, device=self.device)
+            row["code_base"] = (off[:, None] * slots + torch.arange(row["code_w"], device=self.device)).flatten()
+            off = torch.tensor(row["param_off"], dtype=torch.long, device=self.device)
+            row["param_base"] = (off[:, None] * slots + torch.arange(row["param_w"], device=self.device)).flatten()
+        _mark_static(*(getattr(self, name) for name, _, _ in self._middle_buffers()), self.k_base, self.v_base,
+                     *self._quant_index())
         self._set_view()
 
+    def _middle_buffers(self) -> list[tuple[str, torch.dtype, list[tuple[int, int]]]]:
+        """The middle store's flat buffers: (name, dtype, per head that keeps channels: (offset,
+        width) in the buffer's elements per slot); see :mod:`leank.contract`."""
+        kept = [(h, c) for h, c in enumerate(self.head_counts) if c]
+        koff, voff = self.tables[1].tolist(), self.tables[2].tolist()
+        v_w, vp_w = self._v_rows()
+        code = torch.uint8 if self.quant else self.dtype
+        out = [("mid_k", code, [(koff[h], self._k_row(c)) for h, c in kept]),
+               ("mid_v", code, [(voff[h] * v_w, v_w) for h, _ in kept])]
+        if self.quant:
+            kpoff = self.head_kpoff.tolist()
+            out += [("mid_kp", self.dtype, [(kpoff[h], self._kp_row(c)) for h, c in kept]),
+                    ("mid_vp", self.dtype, [(voff[h] * vp_w, vp_w) for h, _ in kept])]
+        return out
+
     def _set_view(self) -> None:
+        quant = self.quant
         self.view = DecodeView(
             self.sink_k, self.sink_v, self.ring_k, self.ring_v, self.mid_k, self.mid_v, *self.tables,
             self.pads, self.seen, self.c0, sink=self.sink, recent=self.recent, slots=self.capacity + 1,
-            head_counts=self.head_counts,
+            head_counts=self.head_counts, mid_kp=self.mid_kp, mid_vp=self.mid_vp, head_kpoff=self.head_kpoff,
+            quant_bits=quant.bits if quant else 0, quant_group=quant.group if quant else 0,
         )
 
     def _reserve(self, tokens: int) -> None:
@@ -348,6 +411,13 @@ class LeanKLayer(DynamicLayer):
         slot = torch.where((slot >= 0) & (slot < self.capacity), slot, self.capacity)[:, None]  # [m, 1]
         k_tok = k.transpose(1, 2).reshape(B, m, H * D)
         v_tok = v.transpose(1, 2).reshape(B, m, H * D)
+        if self.quant:  # each row quantised on its own (leank.quant), codes and scale/zero pairs written
+            for row in self.quant_rows:
+                codes, params = quantize((k_tok if row["codes"] == "mid_k" else v_tok)[:, :, row["src"]], self.quant)
+                for name, base, width, data in ((row["codes"], row["code_base"], row["code_w"], codes),
+                                                (row["params"], row["param_base"], row["param_w"], params)):
+                    getattr(self, name).index_copy_(1, (base + slot * width).flatten(), data.flatten(1))
+            return
         self.mid_k.index_copy_(1, (self.k_base + slot * self.k_step).flatten(), k_tok[:, :, self.k_src].flatten(1))
         self.mid_v.index_copy_(1, (self.v_base + slot * D).flatten(), v_tok[:, :, self.v_src].flatten(1))
 
@@ -397,20 +467,26 @@ class LeanKLayer(DynamicLayer):
 
     def _index_tensors(self) -> list[torch.Tensor]:
         return [*self.tables, self.pads, self.seen, self.c0, self.k_src, self.k_head_off, self.k_col, self.k_step,
-                self.v_src, self.v_head_off, self.v_col, self.k_base, self.v_base]
+                self.v_src, self.v_head_off, self.v_col, self.k_base, self.v_base, *self._quant_index()]
 
     def nbytes(self) -> int:
         """Bytes of every tensor this layer holds (capacity, not just the used part; after
         :meth:`reset` the buffers kept for the next prompt)."""
         if self.ring_k is None:
             return _nbytes(*self.pending) if self.pending is not None else 0
-        return _nbytes(self.sink_k, self.sink_v, self.ring_k, self.ring_v, self.mid_k, self.mid_v,
-                       *self._index_tensors())
+        return _nbytes(self.sink_k, self.sink_v, self.ring_k, self.ring_v, self.mid_k, self.mid_v, self.mid_kp,
+                       self.mid_vp, *self._index_tensors())
 
     def _token_bytes(self) -> tuple[int, int]:
-        """(bytes of a full token, bytes of a middle token) per row."""
+        """(bytes of a full token, bytes of a middle token) per row; a quantised middle token counts
+        its codes and its scale/zero pairs."""
         elem = torch.empty((), dtype=self.dtype).element_size()
-        return 2 * self.num_kv_heads * self.head_dim * elem, (self.middle_width + self.kv_heads * self.head_dim) * elem
+        full = 2 * self.num_kv_heads * self.head_dim * elem
+        if not self.quant:
+            return full, (self.middle_width + self.kv_heads * self.head_dim) * elem
+        v_w, vp_w = self._v_rows()
+        kept = [c for c in self.head_counts if c]
+        return full, sum(self._k_row(c) + self._kp_row(c) * elem for c in kept) + len(kept) * (v_w + vp_w * elem)
 
     def ideal_nbytes(self) -> int:
         """Bytes the method needs at the current length: per row, its first ``S`` real tokens and
@@ -448,7 +524,7 @@ class LeanKLayer(DynamicLayer):
         c0 = int(self.c0)
         padding = sum(min(M, max(0, pad + self.sink - c0)) for pad in self.pads.tolist()) * middle_token
         out = {
-            "middle_slack": _nbytes(self.mid_k, self.mid_v) - M * middle_token * self.batch,
+            "middle_slack": _nbytes(self.mid_k, self.mid_v, self.mid_kp, self.mid_vp) - M * middle_token * self.batch,
             "padding": padding,
             "index": _nbytes(*self._index_tensors()),
         }
@@ -481,6 +557,9 @@ class LeanKCache(Cache):
     Without it the stores grow as needed (eager decoding only).
     ``backend``: decode attention (``"auto"``, ``"torch"``, ``"triton"``; see
     :mod:`leank.kernels`), resolved once here.
+    ``quant``: a :class:`~leank.quant.KVQuant` to store the middle tokens' kept K channels and V
+    as int8 or packed int4 codes with per-group scales and zero points (sink and recent window
+    stay in the model's dtype; byte accounting counts codes, scales and zero points).
 
     Under tensor parallelism (``from_pretrained(..., tp_plan=...)``, one cache per process,
     built from the model) each process's cache holds its own KV heads with their mask rows
@@ -489,7 +568,7 @@ class LeanKCache(Cache):
 
     def __init__(
         self, model_or_config, mask: ChannelMask, *, sink: int | None = None, recent: int | None = None,
-        max_length: int | None = None, backend: str | None = None,
+        max_length: int | None = None, backend: str | None = None, quant: KVQuant | None = None,
     ):
         config = getattr(model_or_config, "config", model_or_config)
         config = text_config(config)
@@ -501,7 +580,9 @@ class LeanKCache(Cache):
         if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int)
                                        or max_length < 1):
             raise LeanKError(f"max_length must be a positive number of tokens, got {max_length!r}")
-        self.config, self.mask = config, mask
+        if quant is not None and not isinstance(quant, KVQuant):
+            raise LeanKError(f"quant must be a leank.KVQuant (e.g. KVQuant(bits=4)) or None, got {quant!r}")
+        self.config, self.mask, self.quant = config, mask, quant
         self.sink, self.recent, self.max_length = sink, recent, max_length
         self._check_attention()
         backend = resolve_backend(backend)
@@ -510,7 +591,8 @@ class LeanKCache(Cache):
         for window in layer_windows(config):
             if window is None:
                 kept = mask.kept[sum(isinstance(x, LeanKLayer) for x in layers)][heads]
-                layers.append(LeanKLayer(kept, sink=sink, recent=recent, max_length=max_length, backend=backend))
+                layers.append(LeanKLayer(kept, sink=sink, recent=recent, max_length=max_length, backend=backend,
+                                         quant=quant))
             elif max_length is None:
                 layers.append(DynamicSlidingWindowLayer(sliding_window=window))
             else:

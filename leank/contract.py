@@ -30,6 +30,16 @@ Prompt queries (prefill) see every prompt key in full: that is the method's pref
     ``head_koff[h] * slots + i * c`` (``c`` contiguous values);
     ``mid_v`` ``[B, slots * n_v * D]``: head ``h`` with ``c > 0`` stores slot ``i`` at
     ``head_voff[h] * slots * D + i * D``. Heads keeping nothing store no middle token.
+  - **quantised** (``quant_bits`` 8 or 4, :mod:`leank.quant`; 0: not quantised): the same
+    head-major layout with a row's values replaced by its codes and a second buffer of its
+    groups' ``(scale, zero)`` pairs (cache dtype). A K row of ``c`` values has
+    ``kb = ceil(c * bits / 8)`` code bytes and ``kp = 2 * ceil(c / group)`` params; a V row
+    ``vb = D * bits / 8`` and ``vp = 2 * ceil(D / group)``. ``mid_k`` (uint8) holds head ``h``'s
+    slot ``i`` at ``head_koff[h] * slots + i * kb`` (``head_koff``: the sum of ``kb`` over the
+    heads before), ``mid_kp`` at ``head_kpoff[h] * slots + i * kp``; ``mid_v`` (uint8) at
+    ``head_voff[h] * slots * vb + i * vb``, ``mid_vp`` at ``head_voff[h] * slots * vp + i * vp``.
+    Sink and ring are never quantised. A key is seen quantised exactly when it is seen through
+    its kept channels (not in full): its kept K channels and its V both dequantised.
 
 **The scores** are the model's: ``scaling`` as the model passes it, then soft-capping
 (:func:`capped`) when the model caps, and learned sinks (one logit per query head that
@@ -83,8 +93,20 @@ class DecodeView:
     recent: int
     slots: int
     head_counts: tuple[int, ...]
+    # The quantised middle store (module docstring); None / 0 when it is not quantised.
+    mid_kp: torch.Tensor | None = None  # [B, slots * sum(kp)], (scale, zero) pairs
+    mid_vp: torch.Tensor | None = None  # [B, slots * n_v * vp]
+    head_kpoff: torch.Tensor | None = None  # int32 [H]
+    quant_bits: int = 0
+    quant_group: int = 0
 
     def tensors(self) -> tuple[torch.Tensor, ...]:
         """The tensor fields, in declaration order (the decode op's arguments)."""
         return (self.sink_k, self.sink_v, self.ring_k, self.ring_v, self.mid_k, self.mid_v, self.head_c,
                 self.head_koff, self.head_voff, self.head_chan, self.pads, self.seen, self.c0)
+
+    def quant(self):
+        """The :class:`~leank.quant.KVQuant` of the middle store, or None."""
+        from .quant import KVQuant
+
+        return KVQuant(self.quant_bits, self.quant_group) if self.quant_bits else None

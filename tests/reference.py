@@ -10,7 +10,10 @@ applied as it passes them: ``scaling``, soft-capping ``cap * tanh(s / cap)`` (``
 a sliding window (query ``t`` sees ``p`` only when ``t - p < window``: ``sliding_window``)
 and learned sinks (``s_aux``: one more logit per query head in the softmax, no value).
 The rule is written out here, not imported from the library. Everything is computed in
-float64.
+float64. With a quantised middle store (``stored``: per layer, the dequantised middle K/V a
+test read out of the cache with its own code, and the step of each value), every key seen
+through its kept channels is seen as stored: its kept K channels and its V taken from
+there, after checking that they are within half a step of the true K/V.
 """
 
 from __future__ import annotations
@@ -36,6 +39,17 @@ def _reference_attention(module, query, key, value, attention_mask, scaling=None
     v = value.double().repeat_interleave(G, dim=1)
     kept_q = kept.repeat_interleave(G, dim=0)  # [Hq, D]
     full = torch.einsum("bhtd,bhpd->bhtp", q, k) * scaling
+    stored = plan.get("stored", {}).get(module.layer_idx)
+    v_masked = v
+    if stored is not None:  # the middle as stored: checked against the true K/V, then used
+        kq, vq, known, k_step, v_step = (x[:, :, :T] for x in stored)
+        kk = vk = known[..., None]
+        k_err = ((kq - key.double()) * kept[None, :, None, :]).abs().masked_fill(~kk, 0)
+        v_err = (vq - value.double()).abs().masked_fill(~vk, 0)
+        k_over, v_over = (k_err - k_step / 2).max().item(), (v_err - v_step / 2).max().item()
+        assert k_over <= 1e-5 and v_over <= 1e-5, f"stored middle is off by {k_over:.3g} (K), {v_over:.3g} (V)"
+        k = torch.where(kk, kq, key.double()).repeat_interleave(G, dim=1)
+        v_masked = torch.where(vk, vq, value.double()).repeat_interleave(G, dim=1)
     masked = torch.einsum("bhtd,bhpd->bhtp", q, k * kept_q[None, :, None, :]) * scaling
     if softcap is not None:
         full, masked = softcap * torch.tanh(full / softcap), softcap * torch.tanh(masked / softcap)
@@ -56,16 +70,22 @@ def _reference_attention(module, query, key, value, attention_mask, scaling=None
     if sinks is not None:
         scores = torch.cat([scores, sinks.double().view(1, Hq, 1, 1).expand(B, Hq, T, 1)], -1)
     probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)[..., :T]  # pad query rows see nothing
-    out = torch.einsum("bhtp,bhpd->bhtd", probs, v).to(query.dtype)
+    if stored is not None:  # every key seen through its kept channels must be in the middle store
+        seen_masked = visible & ~use_full & ~known.repeat_interleave(G, dim=1)[:, :, None, :]
+        assert not seen_masked.any(), "a middle key was not stored"
+    out = (torch.einsum("bhtp,bhpd->bhtd", probs * use_full, v)
+           + torch.einsum("bhtp,bhpd->bhtd", probs * ~use_full, v_masked)).to(query.dtype)
     return out.transpose(1, 2).contiguous(), None
 
 
 AttentionInterface.register(NAME, _reference_attention)
 
 
-def reference_logits(model, sequences, attention_mask, *, kept, prompt_len, sink, recent, layers=None):
+def reference_logits(model, sequences, attention_mask, *, kept, prompt_len, sink, recent, layers=None, stored=None):
     """Logits ``[B, T, V]`` of the masked-dense reference for full ``sequences`` ``[B, T]``.
-    ``kept`` ``[rows, H, D]``: row ``i`` is model layer ``layers[i]`` (default: layer ``i``)."""
+    ``kept`` ``[rows, H, D]``: row ``i`` is model layer ``layers[i]`` (default: layer ``i``).
+    ``stored``: per row, a quantised middle store read out of a cache (module docstring):
+    ``(K, V, known, K step, V step)`` float64 ``[B, H, T', D]`` (``known`` bool ``[B, H, T']``)."""
     layers = range(len(kept)) if layers is None else layers
     pads = (attention_mask[:, :prompt_len] == 0).sum(-1).tolist()
     full_mask = torch.cat(
@@ -76,6 +96,8 @@ def reference_logits(model, sequences, attention_mask, *, kept, prompt_len, sink
         "kept": dict(zip(layers, kept, strict=True)), "pads": pads, "prompt_len": prompt_len, "sink": sink,
         "recent": recent,
     }
+    if stored is not None:
+        plan["stored"] = dict(zip(layers, stored, strict=True))
     previous = model.config._attn_implementation
     model.set_attn_implementation(NAME)
     try:

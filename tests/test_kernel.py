@@ -24,6 +24,7 @@ from leank.cache import LeanKLayer  # noqa: E402
 from leank.errors import LeanKError  # noqa: E402
 from leank.kernels import decode_attention, decode_attention_torch, resolve_backend  # noqa: E402
 from leank.kernels import triton_decode as td  # noqa: E402
+from leank.quant import KVQuant  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -40,9 +41,11 @@ def random_kept(H: int, D: int, counts: list[int], gen: torch.Generator) -> torc
 class History:
     """A LeanK layer fed with random K/V, and every K/V it was given (the reference's input)."""
 
-    def __init__(self, *, B, H, D, kept, sink, recent, pads, prompt, dtype, gen, max_length=None, backend="auto"):
+    def __init__(self, *, B, H, D, kept, sink, recent, pads, prompt, dtype, gen, max_length=None, backend="auto",
+                 quant=None):
         self.gen, self.dtype, self.pads = gen, dtype, pads
-        self.layer = LeanKLayer(kept.to(DEVICE), sink=sink, recent=recent, max_length=max_length, backend=backend)
+        self.layer = LeanKLayer(kept.to(DEVICE), sink=sink, recent=recent, max_length=max_length, backend=backend,
+                                quant=quant)
         self.k = self._rand(B, H, prompt, D)
         self.v = self._rand(B, H, prompt, D)
         self.layer.update(self.k, self.v)
@@ -175,17 +178,17 @@ def test_prompt_shorter_than_the_window(counts):
 
 def stores(layer: LeanKLayer) -> dict[str, torch.Tensor]:
     """A layer's stores with the scratch slots (written only by the torch update) zeroed."""
-    out = {name: getattr(layer, name).clone() for name in ("sink_k", "sink_v", "ring_k", "ring_v", "mid_k", "mid_v")}
+    names = ("sink_k", "sink_v", "ring_k", "ring_v", "mid_k", "mid_v") + (("mid_kp", "mid_vp") if layer.quant else ())
+    out = {name: getattr(layer, name).clone() for name in names}
     out["sink_k"][:, :, -1] = out["sink_v"][:, :, -1] = 0
-    slots, D = layer.capacity + 1, layer.head_dim
-    head_c, head_koff, head_voff, _ = (t.tolist() for t in layer.tables)
-    for c, koff, voff in zip(head_c, head_koff, head_voff, strict=True):
-        if c:
-            out["mid_k"][:, koff * slots + (slots - 1) * c :][:, :c] = 0
-            out["mid_v"][:, voff * slots * D + (slots - 1) * D :][:, :D] = 0
+    slots = layer.capacity + 1
+    for name, _, heads in layer._middle_buffers():
+        for off, width in heads:
+            out[name][:, off * slots + (slots - 1) * width :][:, :width] = 0
     return out
 
 
+@pytest.mark.parametrize("quant", [None, KVQuant(8), KVQuant(4, 16)], ids=["plain", "int8", "int4g16"])
 @pytest.mark.parametrize("D, counts, sink, pads, prompt, max_length", [
     (64, [0, 16, 7, 64], 3, [0, 9], 12, 42),  # a padded row's sink fills while decoding; the last slot used
     (128, [32, 0, 128], 4, [2, 0, 5], 3, None),  # prompt shorter than sink + ring; growing stores
@@ -193,14 +196,15 @@ def stores(layer: LeanKLayer) -> dict[str, torch.Tensor]:
     (96, [48, 0, 96], 2, [3, 0], 20, None),  # head_dim 96 with a middle store
     (256, [64, 0], 1, [0, 4], 10, 45),  # head_dim 256
 ])
-def test_store_kernel_matches_the_torch_update(D, counts, sink, pads, prompt, max_length):
+def test_store_kernel_matches_the_torch_update(D, counts, sink, pads, prompt, max_length, quant):
     """The fused update kernel (Triton; the interpreter on a CPU) leaves every store as the
-    cache's torch ops do, at every step, scratch slots aside."""
+    cache's torch ops do, at every step, scratch slots aside (quantised: the same codes and
+    scale/zero pairs; on a GPU a code may differ by one where fp32 division rounds otherwise)."""
     seed = torch.seed() % 2**31
     H, B = len(counts), len(pads)
     kept = random_kept(H, D, counts, torch.Generator().manual_seed(seed))
     pair = [History(B=B, H=H, D=D, kept=kept, sink=sink, recent=5, pads=pads, prompt=prompt, dtype=torch.float32,
-                    gen=torch.Generator().manual_seed(seed), max_length=max_length, backend=backend)
+                    gen=torch.Generator().manual_seed(seed), max_length=max_length, backend=backend, quant=quant)
             for backend in ("torch", "triton")]
     for _ in range(30):
         for hist in pair:
@@ -208,7 +212,10 @@ def test_store_kernel_matches_the_torch_update(D, counts, sink, pads, prompt, ma
             assert torch.equal(hist.k[:, :, -1:], k)
         fused, ref = stores(pair[1].layer), stores(pair[0].layer)
         for name in ref:
-            assert torch.equal(fused[name], ref[name]), name
+            if CUDA and quant and name in ("mid_k", "mid_v"):
+                assert (fused[name].int() - ref[name].int()).abs().max() <= (17 if quant.bits == 4 else 1), name
+            else:
+                assert torch.equal(fused[name], ref[name]), name
         assert int(pair[1].layer.seen) == int(pair[0].layer.seen)
 
 
@@ -346,3 +353,34 @@ def test_generate_through_the_triton_kernels_equals_the_torch_path(arch):
         (tokens0, logits0), (tokens1, logits1) = runs
         assert torch.equal(tokens0, tokens1)
         torch.testing.assert_close(logits1, logits0, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("quant", [KVQuant(8), KVQuant(4), KVQuant(4, 16)], ids=str)
+@pytest.mark.parametrize("case", [
+    # odd and unaligned counts (int4: a half-used byte), a full head, an empty one, many splits
+    dict(B=2, H=5, G=3, D=64, counts=[0, 5, 16, 23, 64], sink=4, recent=8, pads=[0, 37], prompt=150, programs=512,
+         store="auto"),
+    # D 128 (Llama), G 4, static capacity, the fused store kernel writing the quantised middle
+    dict(B=1, H=4, G=4, D=128, counts=[32, 0, 128, 96], sink=2, recent=16, pads=[0], prompt=83, programs=None,
+         max_length=200, store="triton"),
+], ids=["d64-odd", "d128-fused-store"])
+def test_quantised_kernel_matches_the_torch_path(case, quant, dtype):
+    """The kernel dequantising in its loads against the torch reference (which dequantises with
+    leank.quant and is itself checked against a float64 reference in test_quant_cache.py), at
+    every step while tokens move into the quantised middle store."""
+    case = dict(case)
+    gen = torch.Generator().manual_seed(torch.seed() % 2**31)
+    B, H, G, D, programs = case.pop("B"), case.pop("H"), case.pop("G"), case["D"], case.pop("programs")
+    hist = History(B=B, H=H, D=case.pop("D"), kept=random_kept(H, D, case.pop("counts"), gen), dtype=dtype, gen=gen,
+                   quant=quant, backend=case.pop("store"), **case)
+    for _ in range(4):
+        hist.step()
+        query = hist._rand(B, H * G, 1, D)
+        out = torch.full((B, H * G, 1, D), float("nan"), dtype=dtype, device=DEVICE)
+        td.decode_attention_triton(query, hist.layer.view, D**-0.5, out=out, programs=programs)
+        expect = decode_attention_torch(query.float(), hist.layer.view, D**-0.5)  # fp32 torch path
+        assert torch.isfinite(out).all()
+        tol = 1e-5 if dtype == torch.float32 else 4e-3
+        assert rel_err(out, expect.double()) <= tol, rel_err(out, expect.double())
+    assert hist.layer.middle_length() > 0

@@ -134,7 +134,7 @@ def run_agreement(
         kl_mean, kl_stderr = mean_stderr(kl_all.mean(1))
         top1_mean, top1_stderr = mean_stderr(top1_all.mean(1))
         entries.append({
-            "method": method.spec.label, "family": method.spec.kind, "sparsity": round(method.sparsity, 6),
+            "method": method.spec.label, "family": method.spec.family, "sparsity": round(method.sparsity, 6),
             "kl_mean": kl_mean, "kl_stderr": kl_stderr, "top1_mean": top1_mean, "top1_stderr": top1_stderr,
             "kl_per_step": kl_all.mean(0).tolist(), "top1_per_step": top1_all.mean(0).tolist(),
         })

@@ -6,6 +6,10 @@
     magnitude-per-head:S    the same with every head keeping the same count
     random:S                a random static mask (seeded), LeanKCache
     think:S                 ThinK, channels chosen per prompt (exact simulation, leank.eval.think)
+    leank:PATH+int8         a mask method with its middle store quantised (leank.quant: int8, int4,
+    magnitude:S+int4        int4g64, ...); any of the mask methods above takes the suffix
+    quantized:int4          transformers' QuantizedCache (quanto, per-token groups of 64, a
+                            residual of 128 full tokens): the dense quantised baseline
 
 ``S`` is the fraction of K channels pruned. Magnitude masks are calibrated on the bundled
 prose once per model and saved under ``mask_dir``; later runs load them.
@@ -34,10 +38,13 @@ from ..calibrate import magnitude_mask
 from ..data.text import bundled_prose
 from ..errors import LeanKError
 from ..masks import DEFAULT_RECENT, DEFAULT_SINK, ChannelMask, check_sparsity, hybrid_layers, kv_shape
+from ..quant import KVQuant, parse_quant
 from .think import DEFAULT_WINDOW, ThinKCache, kept_channel_count
 
 STATIC_KINDS = ("magnitude", "magnitude-per-head", "random")
-KINDS = ("full", "leank", *STATIC_KINDS, "think")
+KINDS = ("full", "leank", *STATIC_KINDS, "think", "quantized")
+MASK_KINDS = ("leank", *STATIC_KINDS)
+QUANTIZED_CACHE = dict(backend="quanto", q_group_size=64, residual_length=128)  # transformers' defaults
 CALIBRATION_LENGTH = 2048
 CALIBRATION_WINDOWS = 4
 
@@ -47,7 +54,8 @@ class MethodSpec:
     """A parsed method string plus the settings that change its results.
 
     ``alignment`` applies to the magnitude and random masks, ``seed`` to the random
-    mask, ``window`` to ThinK.
+    mask, ``window`` to ThinK; ``quant`` (a mask method's quantised middle store, or the
+    QuantizedCache's bits) is a :class:`~leank.quant.KVQuant` or None.
     """
 
     kind: str
@@ -56,6 +64,7 @@ class MethodSpec:
     alignment: int = 16
     seed: int = 0
     window: int = DEFAULT_WINDOW
+    quant: KVQuant | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -63,17 +72,32 @@ class MethodSpec:
         if self.kind == "leank":
             if self.path is None or not Path(self.path).is_file():
                 raise LeanKError(f"leank:PATH needs an existing mask file, got {self.path}")
+        elif self.kind == "quantized":
+            if self.quant is None or self.quant.bits not in (2, 4):
+                raise LeanKError("quantized:BITS (transformers' QuantizedCache) takes int4 (or int2)")
         elif self.kind != "full":
             check_sparsity(self.sparsity)
+        if self.quant is not None and self.kind not in (*MASK_KINDS, "quantized"):
+            raise LeanKError(f"method {self.kind} has no quantised variant: +int8/+int4 follow a mask method")
+
+    @property
+    def family(self) -> str:
+        """The curve a method belongs to in tables and plots: its kind, plus its quantisation."""
+        if self.kind == "quantized":
+            return f"quantized:int{self.quant.bits}"
+        return f"{self.kind}+{self.quant.label}" if self.quant else self.kind
 
     @property
     def label(self) -> str:
         """How tables and plots name the method: ``magnitude:0.7``, ``leank:<file stem>``."""
         if self.kind == "full":
             return "full"
+        if self.kind == "quantized":
+            return self.family
+        suffix = f"+{self.quant.label}" if self.quant else ""
         if self.kind == "leank":
-            return f"leank:{Path(self.path).name.removesuffix('.safetensors')}"
-        return f"{self.kind}:{self.sparsity:g}"
+            return f"leank:{Path(self.path).name.removesuffix('.safetensors')}{suffix}"
+        return f"{self.kind}:{self.sparsity:g}{suffix}"
 
     @property
     def slug(self) -> str:
@@ -92,6 +116,10 @@ class MethodSpec:
                 base["seed"] = self.seed
         elif self.kind == "think":
             base.update(window=self.window, sink=DEFAULT_SINK, recent=DEFAULT_RECENT)
+        elif self.kind == "quantized":
+            base.update(QUANTIZED_CACHE)
+        if self.quant is not None:
+            base["quant"] = {"bits": self.quant.bits, "group": self.quant.group}
         return base
 
 
@@ -105,8 +133,20 @@ def slugify(name: str) -> str:
 
 
 def parse_method(text: str, *, alignment: int = 16, seed: int = 0) -> MethodSpec:
-    """``full``, ``leank:PATH``, ``magnitude:0.7``, ``magnitude-per-head:0.7``, ``random:0.7``, ``think:0.7``."""
+    """``full``, ``leank:PATH``, ``magnitude:0.7``, ``magnitude-per-head:0.7``, ``random:0.7``, ``think:0.7``,
+    a mask method with ``+int8``/``+int4`` (quantised middle store), ``quantized:int4``."""
     kind, sep, arg = text.partition(":")
+    if kind == "quantized":
+        if not arg:
+            raise LeanKError(f"method {text!r} needs the bits: quantized:int4")
+        return MethodSpec("quantized", quant=parse_quant(arg))
+    base, plus, quant_text = arg.rpartition("+")
+    quant = None
+    if plus and quant_text.startswith("int"):
+        if kind not in MASK_KINDS:
+            raise LeanKError(f"method {text!r}: {kind} has no quantised variant (+int8/+int4 follow a mask method: "
+                             f"{', '.join(MASK_KINDS)})")
+        arg, quant = base, parse_quant(quant_text)
     if kind not in KINDS:
         raise LeanKError(f"unknown method {text!r}: use full, leank:PATH, or one of "
                          f"{', '.join(k + ':SPARSITY' for k in (*STATIC_KINDS, 'think'))}")
@@ -118,12 +158,12 @@ def parse_method(text: str, *, alignment: int = 16, seed: int = 0) -> MethodSpec
         what = "a mask file (leank:PATH)" if kind == "leank" else f"a sparsity ({kind}:0.7)"
         raise LeanKError(f"method {text!r} needs {what}")
     if kind == "leank":
-        return MethodSpec("leank", path=Path(arg))
+        return MethodSpec("leank", path=Path(arg), quant=quant)
     try:
         sparsity = float(arg)
     except ValueError:
         raise LeanKError(f"method {text!r}: {arg!r} is not a sparsity; write e.g. {kind}:0.7") from None
-    return MethodSpec(kind, sparsity=sparsity, alignment=alignment, seed=seed)
+    return MethodSpec(kind, sparsity=sparsity, alignment=alignment, seed=seed, quant=quant)
 
 
 def parse_methods(texts: Sequence[str], *, alignment: int = 16, seed: int = 0) -> list[MethodSpec]:
@@ -179,7 +219,7 @@ class MaskMethod:
         return self.mask.sparsity
 
     def new_cache(self, model, *, max_length: int | None = None) -> Cache:
-        return LeanKCache(model, self.mask, max_length=max_length)
+        return LeanKCache(model, self.mask, max_length=max_length, quant=self.spec.quant)
 
     def kv_bytes(self, cache: Cache) -> tuple[int, int]:
         return cache.nbytes(), cache.dense_nbytes()
@@ -198,6 +238,41 @@ class ThinKMethod:
 
     def kv_bytes(self, cache: Cache) -> tuple[int, int]:
         return cache.ideal_nbytes(), cache.dense_nbytes()
+
+
+@dataclass(frozen=True)
+class QuantizedCacheMethod:
+    """transformers' ``QuantizedCache`` (quanto): the dense quantised baseline. It keeps the last
+    ``residual_length`` tokens in full and dequantises the whole cache at every step."""
+
+    spec: MethodSpec
+    sparsity: float = 0.0
+    bytes_kind: str = "allocated"
+
+    def new_cache(self, model, *, max_length: int | None = None) -> Cache:
+        from transformers.cache_utils import QuantizedCache
+
+        return QuantizedCache(config=model.config, nbits=self.spec.quant.bits, **QUANTIZED_CACHE)
+
+    def kv_bytes(self, cache: Cache) -> tuple[int, int]:
+        """Packed codes, scales and shifts of the quantised part plus the full-precision residual."""
+        held = dense = 0
+        for layer in cache.layers:
+            for q in (layer._quantized_keys, layer._quantized_values):
+                data = q._data._data if hasattr(q._data, "_data") else q._data
+                held += sum(t.numel() * t.element_size() for t in (data, q._scale, q._shift))
+            held += sum(t.numel() * t.element_size() for t in (layer.keys, layer.values))
+            B, H, _, D = layer.keys.shape
+            dense += 2 * B * H * int(layer.cumulative_length) * D * layer.keys.element_size()
+        return held, dense
+
+
+def check_quantized_cache() -> None:
+    """QuantizedCache needs optimum-quanto: fail before any generation without it."""
+    try:
+        import optimum.quanto  # noqa: F401
+    except ImportError:
+        raise LeanKError("method quantized:int4 needs optimum-quanto: pip install optimum-quanto") from None
 
 
 def token_windows(tokenizer, text: str, length: int, count: int) -> torch.Tensor:
@@ -234,6 +309,9 @@ def prepare_method(spec: MethodSpec, model, tokenizer, *, model_name: str, mask_
     mask for another model (before any generation)."""
     if spec.kind == "full":
         return FullMethod(spec)
+    if spec.kind == "quantized":
+        check_quantized_cache()
+        return QuantizedCacheMethod(spec)
     if spec.kind == "think":
         head_dim = kv_shape(model.config)[2]
         return ThinKMethod(spec, sparsity=1 - kept_channel_count(spec.sparsity, head_dim) / head_dim)

@@ -1,6 +1,6 @@
 """``leank report RESULTS_DIR``: the tables and plots of an evaluation directory.
 
-    write_report("runs/eval")   # → report.md, accuracy_vs_sparsity.png, agreement_vs_sparsity.png
+    write_report("runs/eval")   # → report.md, accuracy_vs_sparsity.png, accuracy_vs_kv_bytes.png, agreement_….png
 
 Reads every ``<method>/<task>/<length>/metrics.json`` the runner wrote, so a partially
 finished directory reports what is done (missing cells show ``–``; each average says how
@@ -19,6 +19,7 @@ from ..data.tasks import TASKS
 from ..errors import LeanKError
 
 ACCURACY_PLOT = "accuracy_vs_sparsity.png"
+FRONTIER_PLOT = "accuracy_vs_kv_bytes.png"
 AGREEMENT_PLOT = "agreement_vs_sparsity.png"
 LINESTYLES = ("-", "--", "-.", ":")
 
@@ -104,6 +105,56 @@ def accuracy_tables(results: list[dict]) -> str:
                          f"{rs[0]['kv_bytes_kind']} | {sum(r['seconds'] for r in rs):.0f} |")
         parts.append("\n".join(lines))
     return "\n\n".join(parts)
+
+
+def kv_fractions(results: list[dict]) -> dict[tuple[str, int], float]:
+    """Per (method, length): KV bytes held over the dense cache's, summed over its samples."""
+    held: dict[tuple[str, int], list[float]] = defaultdict(lambda: [0.0, 0.0])
+    for r in results:
+        pair = held[r["method"], r["length"]]
+        pair[0] += r["kv_bytes_per_sample"] * r["n"]
+        pair[1] += r["dense_kv_bytes_per_sample"] * r["n"]
+    return {key: h / d for key, (h, d) in held.items() if d}
+
+
+def frontier_table(results: list[dict]) -> str:
+    """Accuracy against the fraction of dense KV bytes kept: one row per method and length,
+    fewest bytes first (the accuracy–memory frontier)."""
+    means, fractions = averages(results), kv_fractions(results)
+    lines = ["| length | method | KV bytes vs dense | compression | average score | tasks | bytes |",
+             "|---:|---|---:|---:|---:|---:|---|"]
+    kinds = {(r["method"], r["length"]): r["kv_bytes_kind"] for r in results}
+    for (method, length), frac in sorted(fractions.items(), key=lambda item: (item[0][1], item[1])):
+        mean = means[method, length]
+        lines.append(f"| {length} | {method} | {frac:.1%} | {1 / frac:.2f}× | {mean['score']:.1f} | "
+                     f"{mean['tasks']} | {kinds[method, length]} |")
+    return "\n".join(lines)
+
+
+def plot_frontier(results: list[dict], path: Path) -> None:
+    """Average score against the fraction of dense KV bytes: a point per method, a colour per
+    method family, a marker per length."""
+    fig, (ax,) = _figure()
+    means, fractions = averages(results), kv_fractions(results)
+    lengths = sorted({r["length"] for r in results})
+    families = list(dict.fromkeys(r["family"] for r in sorted(results, key=_method_key)))
+    markers = "os^Dv"
+    for (method, length), frac in fractions.items():
+        mean = means[method, length]
+        i, j = families.index(mean["family"]), lengths.index(length)
+        ax.scatter(frac, mean["score"], color=f"C{i}", marker=markers[j % len(markers)],
+                   label=f"{mean['family']} @ {length}")
+        ax.annotate(method.split(":")[-1][:18], (frac, mean["score"]), fontsize=6, xytext=(3, 3),
+                    textcoords="offset points")
+    handles, labels = ax.get_legend_handles_labels()
+    unique = dict(zip(labels, handles, strict=True))
+    ax.legend(unique.values(), unique.keys(), fontsize="small")
+    ax.set_xlim(0, 1.05)
+    ax.set_xlabel("KV-cache bytes, fraction of the dense cache (scales and zero points included)")
+    ax.set_ylabel("score, average over tasks")
+    ax.set_title("Accuracy vs KV bytes")
+    ax.grid(alpha=0.3)
+    _save(fig, path)
 
 
 def agreement_table(agreement: dict) -> str:
@@ -225,6 +276,10 @@ def write_report(results_dir: str | Path, *, notes: list[str] | None = None) -> 
         if plots:
             plot_accuracy(results, results_dir / ACCURACY_PLOT)
             sections += [f"![accuracy vs sparsity]({ACCURACY_PLOT})", ""]
+        sections += ["## Accuracy vs KV bytes", "", frontier_table(results), ""]
+        if plots:
+            plot_frontier(results, results_dir / FRONTIER_PLOT)
+            sections += [f"![accuracy vs KV bytes]({FRONTIER_PLOT})", ""]
     if agreement:
         sections += ["## Decode agreement with the full cache", "", agreement_table(agreement), ""]
         if plots:

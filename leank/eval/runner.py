@@ -216,7 +216,7 @@ def evaluate_unit(
     ]
     n = len(samples)
     metrics = {
-        "method": method.spec.label, "family": method.spec.kind, "task": unit.task, "length": unit.length,
+        "method": method.spec.label, "family": method.spec.family, "task": unit.task, "length": unit.length,
         "metric": samples[0].metric, "score": score(samples[0].metric, predictions, [s.outputs for s in samples]),
         "n": n, "sparsity": round(method.sparsity, 6), "kv_bytes_per_sample": held / n,
         "dense_kv_bytes_per_sample": dense / n, "kv_fraction": held / dense,

@@ -42,8 +42,16 @@ def _triton(module: str = "triton_decode"):
         raise LeanKError(f"the triton LeanK kernel needs the package triton ({e}): pip install triton") from None
 
 
-def _view(args: tuple, sink: int, recent: int, slots: int, head_counts) -> DecodeView:
-    return DecodeView(*args, sink=sink, recent=recent, slots=slots, head_counts=tuple(head_counts))
+def _view(args: tuple, sink: int, recent: int, slots: int, head_counts, quant: tuple = (None, None, None, 0, 0)
+          ) -> DecodeView:
+    mid_kp, mid_vp, head_kpoff, bits, group = quant
+    return DecodeView(*args, sink=sink, recent=recent, slots=slots, head_counts=tuple(head_counts), mid_kp=mid_kp,
+                      mid_vp=mid_vp, head_kpoff=head_kpoff, quant_bits=bits, quant_group=group)
+
+
+def _quant_args(view: DecodeView) -> tuple:
+    """The quantised store's part of the ops' arguments (None / 0 when not quantised)."""
+    return view.mid_kp, view.mid_vp, view.head_kpoff, view.quant_bits, view.quant_group
 
 
 @torch.library.custom_op("leank::decode_attention", mutates_args=())
@@ -52,17 +60,19 @@ def _decode_op(
     mid_k: torch.Tensor, mid_v: torch.Tensor, head_c: torch.Tensor, head_koff: torch.Tensor, head_voff: torch.Tensor,
     head_chan: torch.Tensor, pads: torch.Tensor, seen: torch.Tensor, c0: torch.Tensor, sinks: torch.Tensor | None,
     scaling: float, softcap: float, sink: int, recent: int, slots: int, head_counts: list[int],
+    mid_kp: torch.Tensor | None, mid_vp: torch.Tensor | None, head_kpoff: torch.Tensor | None, quant_bits: int,
+    quant_group: int,
 ) -> torch.Tensor:
     view = _view((sink_k, sink_v, ring_k, ring_v, mid_k, mid_v, head_c, head_koff, head_voff, head_chan, pads, seen,
-                  c0), sink, recent, slots, head_counts)
+                  c0), sink, recent, slots, head_counts, (mid_kp, mid_vp, head_kpoff, quant_bits, quant_group))
     return decode_attention_torch(query, view, scaling, softcap=softcap or None, sinks=sinks)
 
 
 @_decode_op.register_kernel("cuda")
 def _decode_op_cuda(query, *args):
-    *tensors, sinks, scaling, softcap, sink, recent, slots, head_counts = args
-    return _triton().decode_attention_triton(query, _view(tuple(tensors), sink, recent, slots, head_counts), scaling,
-                                             softcap=softcap or None, sinks=sinks)
+    *tensors, sinks, scaling, softcap, sink, recent, slots, head_counts = args[:-5]
+    view = _view(tuple(tensors), sink, recent, slots, head_counts, args[-5:])
+    return _triton().decode_attention_triton(query, view, scaling, softcap=softcap or None, sinks=sinks)
 
 
 @_decode_op.register_fake
@@ -71,16 +81,18 @@ def _decode_op_fake(query, *args):
 
 
 @torch.library.custom_op(
-    "leank::store_step", mutates_args=("sink_k", "sink_v", "ring_k", "ring_v", "mid_k", "mid_v", "seen")
+    "leank::store_step",
+    mutates_args=("sink_k", "sink_v", "ring_k", "ring_v", "mid_k", "mid_v", "seen", "mid_kp", "mid_vp"),
 )
 def _store_op(
     key: torch.Tensor, value: torch.Tensor, sink_k: torch.Tensor, sink_v: torch.Tensor, ring_k: torch.Tensor,
     ring_v: torch.Tensor, mid_k: torch.Tensor, mid_v: torch.Tensor, head_c: torch.Tensor, head_koff: torch.Tensor,
     head_voff: torch.Tensor, head_chan: torch.Tensor, pads: torch.Tensor, seen: torch.Tensor, c0: torch.Tensor,
-    sink: int, recent: int, slots: int, head_counts: list[int], sink_write: bool,
+    sink: int, recent: int, slots: int, head_counts: list[int], sink_write: bool, mid_kp: torch.Tensor | None,
+    mid_vp: torch.Tensor | None, head_kpoff: torch.Tensor | None, quant_bits: int, quant_group: int,
 ) -> None:
     view = _view((sink_k, sink_v, ring_k, ring_v, mid_k, mid_v, head_c, head_koff, head_voff, head_chan, pads, seen,
-                  c0), sink, recent, slots, head_counts)
+                  c0), sink, recent, slots, head_counts, (mid_kp, mid_vp, head_kpoff, quant_bits, quant_group))
     _triton("triton_store").store_step_triton(key, value, view, sink_write=sink_write)
 
 
@@ -103,7 +115,8 @@ def store_step(key: torch.Tensor, value: torch.Tensor, view: DecodeView, *, sink
     if backend == "triton":
         _triton("triton_store").store_step_triton(key, value, view, sink_write=sink_write)
     else:
-        _store_op(key, value, *view.tensors(), view.sink, view.recent, view.slots, list(view.head_counts), sink_write)
+        _store_op(key, value, *view.tensors(), view.sink, view.recent, view.slots, list(view.head_counts), sink_write,
+                  *_quant_args(view))
 
 
 def decode_attention(query: torch.Tensor, view: DecodeView, scaling: float, *, softcap: float | None = None,
@@ -115,4 +128,4 @@ def decode_attention(query: torch.Tensor, view: DecodeView, scaling: float, *, s
     if backend == "triton":
         return _triton().decode_attention_triton(query, view, scaling, softcap=softcap, sinks=sinks)
     return _decode_op(query, *view.tensors(), sinks, float(scaling), float(softcap or 0.0), view.sink, view.recent,
-                      view.slots, list(view.head_counts))
+                      view.slots, list(view.head_counts), *_quant_args(view))

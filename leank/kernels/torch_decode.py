@@ -1,7 +1,8 @@
 """Exact LeanK attention with plain torch ops (CPU and GPU): the reference backend.
 
 Reads a :class:`~leank.contract.DecodeView` by the contract's layout and applies the
-contract's :func:`~leank.contract.in_full` rule to every key; computed in fp32.
+contract's :func:`~leank.contract.in_full` rule to every key; computed in fp32. A quantised
+middle store is dequantised with :func:`leank.quant.dequantize`.
 """
 
 from __future__ import annotations
@@ -9,11 +10,22 @@ from __future__ import annotations
 import torch
 
 from ..contract import DecodeView, capped, in_full
+from ..quant import dequantize, quantize
 
 
 def middle_keys(view: DecodeView, h: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Head ``h``'s first ``length`` middle tokens: packed K ``[B, length, c]`` and V ``[B, length, D]``."""
+    """Head ``h``'s first ``length`` middle tokens: packed K ``[B, length, c]`` and V ``[B, length, D]``
+    (fp32, dequantised, when the store is quantised)."""
     c, D, slots = view.head_counts[h], view.ring_k.shape[-1], view.slots
+    quant = view.quant()
+    if quant is not None:
+        kb, kp, vb, vp = quant.row_bytes(c), 2 * quant.row_groups(c), quant.row_bytes(D), 2 * quant.row_groups(D)
+        koff, kpoff, voff = int(view.head_koff[h]) * slots, int(view.head_kpoff[h]) * slots, int(view.head_voff[h])
+        k = dequantize(view.mid_k[:, koff : koff + length * kb].view(-1, length, kb),
+                       view.mid_kp[:, kpoff : kpoff + length * kp].view(-1, length, kp), c, quant)
+        v = dequantize(view.mid_v[:, voff * slots * vb :][:, : length * vb].view(-1, length, vb),
+                       view.mid_vp[:, voff * slots * vp :][:, : length * vp].view(-1, length, vp), D, quant)
+        return k, v
     koff, voff = int(view.head_koff[h]) * slots, int(view.head_voff[h]) * slots * D
     k = view.mid_k[:, koff : koff + length * c].view(-1, length, c)
     v = view.mid_v[:, voff : voff + length * D].view(-1, length, D)
@@ -83,8 +95,24 @@ def decode_attention_torch(
     visible = (pos[None, None] <= t[None, :, None]) & (pos[None, None] >= pads[:, None, None])  # [B, q, T]
     visible = visible[:, None, None] & (use_full | (kept.sum(-1) > 0)[None, :, None, None, None])
     s = capped(torch.where(use_full, full, pruned) * scaling, softcap)
-    scores.append(s.masked_fill(~visible, neg))
-    values.append(v_full)
+    quant = view.quant()
+    if quant is not None and pending is not None:
+        # A quantised store: ring and pending keys seen through their kept channels are seen as
+        # they will be stored (kept K channels and V quantised). A single decode query sees the
+        # whole ring in full, so this only concerns multi-token steps.
+        k_q, v_q = torch.zeros_like(k_full), v_full.clone()
+        ring_k = view.ring_k.new_zeros(())  # the cache dtype: quantise what the store would hold
+        for h, c in enumerate(view.head_counts):
+            if c:
+                chan = view.head_chan[h, :c].long()
+                k_q[:, h][..., chan] = dequantize(*quantize(k_full[:, h][..., chan].to(ring_k.dtype), quant), c, quant)
+                v_q[:, h] = dequantize(*quantize(v_full[:, h].to(ring_k.dtype), quant), D, quant)
+        s_q = capped(torch.einsum("bhgqd,bhkd->bhgqk", qf, k_q) * scaling, softcap)
+        scores += [s.masked_fill(~visible | ~use_full, neg), s_q.masked_fill(~visible | use_full, neg)]
+        values += [v_full, v_q]
+    else:
+        scores.append(s.masked_fill(~visible, neg))
+        values.append(v_full)
 
     if sinks is not None:  # one more logit per query head in the denominator, with no value
         scores.append(sinks.float().view(1, H, G, 1, 1).expand(B, H, G, q, 1))

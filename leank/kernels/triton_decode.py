@@ -24,6 +24,10 @@ series near 0 where ``1 - exp(-2|x|)`` would cancel); learned sinks in the merge
 term ``exp(sink)`` in each query head's denominator, no value). A ``head_dim`` that is not a
 power of two (96) is padded to the next one in the tiles, the padding lanes masked.
 
+A quantised middle store (``QBITS`` 8 or 4; :mod:`leank.quant`) is dequantised in the
+middle programs' loads: codes (a byte, or a nibble of one) and the group's scale and zero
+are read and ``zero + code * scale`` computed in fp32 before the dot, in the same tiles.
+
 Under ``TRITON_INTERPRET=1`` (CPU tests) loaded values are cast to fp32 before any
 arithmetic: the interpreter mishandles bf16 arithmetic.
 """
@@ -41,6 +45,7 @@ import triton.language as tl
 
 from ..contract import DecodeView
 from ..errors import LeanKError
+from .triton_store import quant_args
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 LOG2E = 1.4426950408889634
@@ -61,16 +66,33 @@ def _tanh(x):
 
 
 @triton.jit
+def _dequant(codes, params, rows, cols, mask, row_bytes, row_params, QBITS: tl.constexpr, GROUP: tl.constexpr):
+    """fp32 values ``[len(rows), len(cols)]`` of quantised rows (``row_bytes`` code bytes and
+    ``row_params`` scale/zero entries per row; value ``j`` in byte ``j`` or in nibble ``j % 2`` of byte ``j // 2``)."""
+    if QBITS == 8:
+        code = tl.load(codes + rows[:, None] * row_bytes + cols[None, :], mask=mask, other=0).to(tl.float32)
+    else:
+        byte = tl.load(codes + rows[:, None] * row_bytes + (cols // 2)[None, :], mask=mask, other=0).to(tl.int32)
+        code = ((byte >> ((cols % 2) * 4)[None, :]) & 15).to(tl.float32)
+    at = params + rows[:, None] * row_params + 2 * (cols // GROUP)[None, :]
+    scale = tl.load(at, mask=mask, other=0.0).to(tl.float32)
+    zero = tl.load(at + 1, mask=mask, other=0.0).to(tl.float32)
+    return zero + code * scale
+
+
+@triton.jit
 def _attend(acc, m_i, l_i, q, qk_scale, cap_scale, k_ptrs_base, v_ptrs_base, k_stride, lo, hi, offs_kc, k_cols,
             offs_d, D, WRAP, RINGED: tl.constexpr, HAS_CAP: tl.constexpr, BLOCK: tl.constexpr,
-            UPCAST: tl.constexpr, PREC: tl.constexpr):
+            UPCAST: tl.constexpr, PREC: tl.constexpr, kp_base=None, vp_base=None, kp_stride=0,
+            QBITS: tl.constexpr = 0, GROUP: tl.constexpr = 1):
     """Online-softmax accumulation over tokens ``[lo, hi)``. ``q`` ``[GP, KC]`` is the raw
     query (exact in the cache dtype); scores are scaled in fp32 after the dot: by ``qk_scale``
     = ``scaling * log2(e)``, or with ``HAS_CAP`` to ``tanh(dot * cap_scale) * qk_scale``
     (``cap_scale`` = ``scaling / cap``, ``qk_scale`` = ``cap * log2(e)``). K rows have
     ``k_stride`` elements, of which the first ``k_cols`` are read; V rows are ``D`` wide (lanes
     ``offs_d >= D`` are padding). Token ``n`` is row ``n % WRAP`` of a ring buffer when
-    ``RINGED``, else row ``n``."""
+    ``RINGED``, else row ``n``. ``QBITS > 0``: K and V rows are quantised (``k_stride`` code
+    bytes and ``kp_stride`` params per K row, ``kp_base``/``vp_base`` their params)."""
     dmask = offs_d < D
     for start in range(lo, hi, BLOCK):
         offs_n = start + tl.arange(0, BLOCK)
@@ -79,13 +101,22 @@ def _attend(acc, m_i, l_i, q, qk_scale, cap_scale, k_ptrs_base, v_ptrs_base, k_s
             rows = (offs_n % WRAP).to(tl.int64)
         else:
             rows = offs_n.to(tl.int64)
-        k = tl.load(k_ptrs_base + rows[:, None] * k_stride + offs_kc[None, :],
-                    mask=valid[:, None] & (offs_kc[None, :] < k_cols), other=0.0)
-        v = tl.load(v_ptrs_base + rows[:, None] * D + offs_d[None, :], mask=valid[:, None] & dmask[None, :],
-                    other=0.0)
-        if UPCAST:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
+        kmask = valid[:, None] & (offs_kc[None, :] < k_cols)
+        vmask = valid[:, None] & dmask[None, :]
+        if QBITS > 0:
+            VB: tl.constexpr = D * QBITS // 8
+            VP: tl.constexpr = 2 * ((D + GROUP - 1) // GROUP)
+            k = _dequant(k_ptrs_base, kp_base, rows, offs_kc, kmask, k_stride, kp_stride, QBITS, GROUP)
+            v = _dequant(v_ptrs_base, vp_base, rows, offs_d, vmask, VB, VP, QBITS, GROUP)
+            if not UPCAST:
+                k = k.to(q.dtype)
+                v = v.to(q.dtype)
+        else:
+            k = tl.load(k_ptrs_base + rows[:, None] * k_stride + offs_kc[None, :], mask=kmask, other=0.0)
+            v = tl.load(v_ptrs_base + rows[:, None] * D + offs_d[None, :], mask=vmask, other=0.0)
+            if UPCAST:
+                k = k.to(tl.float32)
+                v = v.to(tl.float32)
         s = tl.dot(q.to(k.dtype), tl.trans(k), input_precision=PREC)
         if HAS_CAP:
             s = _tanh(s * cap_scale) * qk_scale
@@ -104,13 +135,19 @@ def _attend(acc, m_i, l_i, q, qk_scale, cap_scale, k_ptrs_base, v_ptrs_base, k_s
 @triton.jit
 def _middle(acc, m_i, l_i, q_rows, gmask, chan, c, k_base, v_base, lo, hi, qk_scale, cap_scale, offs_d, D,
             KC: tl.constexpr, HAS_CAP: tl.constexpr, BLOCK: tl.constexpr, UPCAST: tl.constexpr,
-            PREC: tl.constexpr):
+            PREC: tl.constexpr, kp_base, vp_base, QBITS: tl.constexpr, GROUP: tl.constexpr):
     """Middle tokens of one head keeping ``c <= KC`` channels: the query gathered at the
-    kept channels ``[GP, KC]``, K rows ``c`` wide."""
+    kept channels ``[GP, KC]``, K rows ``c`` wide (quantised: ``ceil(c * QBITS / 8)`` code bytes)."""
     offs_kc = tl.arange(0, KC)
     cmask = offs_kc < c
     ch = tl.load(chan + offs_kc, mask=cmask, other=0)
     q = tl.load(q_rows[:, None] + ch[None, :], mask=gmask[:, None] & cmask[None, :], other=0.0)
+    if QBITS > 0:
+        if UPCAST:
+            q = q.to(tl.float32)
+        return _attend(acc, m_i, l_i, q, qk_scale, cap_scale, k_base, v_base, (c * QBITS + 7) // 8, lo, hi, offs_kc,
+                       c, offs_d, D, 1, False, HAS_CAP, BLOCK, UPCAST, PREC, kp_base, vp_base,
+                       2 * ((c + GROUP - 1) // GROUP), QBITS, GROUP)
     return _attend(acc, m_i, l_i, q, qk_scale, cap_scale, k_base, v_base, c, lo, hi, offs_kc, c, offs_d, D, 1,
                    False, HAS_CAP, BLOCK, UPCAST, PREC)
 
@@ -123,10 +160,11 @@ def _leank_decode_kernel(
     MK, MV, stride_mkb, stride_mvb, SLOTS,
     HEAD_C, HEAD_KOFF, HEAD_VOFF, HEAD_CHAN,
     PADS, SEEN, C0, WS_O, WS_L, qk_scale, cap_scale, H, NS, B_ROWS,
+    MKP, MVP, stride_mkpb, stride_mvpb, HEAD_KPOFF,
     SUMCD: tl.constexpr, MAXCD: tl.constexpr, MIN_BUDGET: tl.constexpr, PROGRAMS: tl.constexpr,
     G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, BLOCK: tl.constexpr,
     KALIGN: tl.constexpr, HAS_SINK: tl.constexpr, HAS_CAP: tl.constexpr, UPCAST: tl.constexpr,
-    PREC: tl.constexpr,
+    PREC: tl.constexpr, QBITS: tl.constexpr, GROUP: tl.constexpr,
 ):
     bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -174,23 +212,36 @@ def _leank_decode_kernel(
         hi = tl.minimum(split * split_len + split_len, M)
         if c > 0:
             c = tl.multiple_of(c, KALIGN)
-            koff = tl.multiple_of(tl.load(HEAD_KOFF + h).to(tl.int64) * SLOTS, KALIGN)
-            k_base = MK + b.to(tl.int64) * stride_mkb + koff
-            v_base = MV + b.to(tl.int64) * stride_mvb + tl.load(HEAD_VOFF + h).to(tl.int64) * SLOTS * D
+            voff = tl.load(HEAD_VOFF + h).to(tl.int64) * SLOTS
+            if QBITS > 0:  # offsets in code bytes / params (leank.contract)
+                k_base = MK + b.to(tl.int64) * stride_mkb + tl.load(HEAD_KOFF + h).to(tl.int64) * SLOTS
+                v_base = MV + b.to(tl.int64) * stride_mvb + voff * (D * QBITS // 8)
+                kp_base = MKP + b.to(tl.int64) * stride_mkpb + tl.load(HEAD_KPOFF + h).to(tl.int64) * SLOTS
+                vp_base = MVP + b.to(tl.int64) * stride_mvpb + voff * (2 * ((D + GROUP - 1) // GROUP))
+            else:
+                koff = tl.multiple_of(tl.load(HEAD_KOFF + h).to(tl.int64) * SLOTS, KALIGN)
+                k_base = MK + b.to(tl.int64) * stride_mkb + koff
+                v_base = MV + b.to(tl.int64) * stride_mvb + voff * D
+                kp_base = MK
+                vp_base = MV
             chan = HEAD_CHAN + h * D
             # The kept count picks a tile width (a compile-time constant): 16, 32, 64 or DP.
             if c <= 16:
                 acc, m_i, l_i = _middle(acc, m_i, l_i, q_rows, gmask, chan, c, k_base, v_base, lo, hi, qk_scale,
-                                        cap_scale, offs_d, D, 16, HAS_CAP, BLOCK, UPCAST, PREC)
+                                        cap_scale, offs_d, D, 16, HAS_CAP, BLOCK, UPCAST, PREC, kp_base,
+                                        vp_base, QBITS, GROUP)
             elif c <= 32:
                 acc, m_i, l_i = _middle(acc, m_i, l_i, q_rows, gmask, chan, c, k_base, v_base, lo, hi, qk_scale,
-                                        cap_scale, offs_d, D, 32, HAS_CAP, BLOCK, UPCAST, PREC)
+                                        cap_scale, offs_d, D, 32, HAS_CAP, BLOCK, UPCAST, PREC, kp_base,
+                                        vp_base, QBITS, GROUP)
             elif c <= 64:
                 acc, m_i, l_i = _middle(acc, m_i, l_i, q_rows, gmask, chan, c, k_base, v_base, lo, hi, qk_scale,
-                                        cap_scale, offs_d, D, 64, HAS_CAP, BLOCK, UPCAST, PREC)
+                                        cap_scale, offs_d, D, 64, HAS_CAP, BLOCK, UPCAST, PREC, kp_base,
+                                        vp_base, QBITS, GROUP)
             else:
                 acc, m_i, l_i = _middle(acc, m_i, l_i, q_rows, gmask, chan, c, k_base, v_base, lo, hi, qk_scale,
-                                        cap_scale, offs_d, D, DP, HAS_CAP, BLOCK, UPCAST, PREC)
+                                        cap_scale, offs_d, D, DP, HAS_CAP, BLOCK, UPCAST, PREC, kp_base,
+                                        vp_base, QBITS, GROUP)
 
     # Partial result of this program: o = acc / l and lse = m + log2(l) (-inf when empty).
     has = l_i > 0
@@ -330,11 +381,12 @@ def decode_attention_triton(
         rk, rv, rk.stride(0), rk.stride(1), rk.shape[2],
         view.mid_k, view.mid_v, view.mid_k.stride(0), view.mid_v.stride(0), view.slots,
         view.head_c, view.head_koff, view.head_voff, view.head_chan,
-        view.pads, view.seen, view.c0, ws_o, ws_l, qk_scale, cap_scale, H, ns, B,
+        view.pads, view.seen, view.c0, ws_o, ws_l, qk_scale, cap_scale, H, ns, B, *quant_args(view),
         SUMCD=p.sum_cd, MAXCD=p.max_cd, MIN_BUDGET=p.min_budget, PROGRAMS=p.programs,
         G=G, GP=max(16, triton.next_power_of_2(G)), D=D, DP=DP, BLOCK=p.block, KALIGN=p.kalign,
         HAS_SINK=view.sink > 0, HAS_CAP=bool(softcap), UPCAST=INTERPRET or query.dtype == torch.float32,
         PREC="ieee" if query.dtype == torch.float32 else "tf32",
+        QBITS=view.quant_bits, GROUP=min(view.quant_group, DP) if view.quant_bits else 1,
         num_warps=p.warps, num_stages=p.stages,
     )
     _merge_kernel[(B * Hq,)](ws_o, ws_l, sinks if sinks is not None else ws_l, out, out.stride(0), out.stride(1),

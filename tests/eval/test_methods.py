@@ -25,6 +25,11 @@ from leank.eval.methods import FullMethod, MaskMethod, ThinKMethod, parse_method
         ("random:1.5", "sparsity must be in"),
         ("think:-0.1", "sparsity must be in"),
         ("leank:/no/such/mask.safetensors", "existing mask file"),
+        ("magnitude:0.7+int3", "KVQuant bits"),
+        ("magnitude:0.7+fp8", "not a sparsity"),
+        ("think:0.7+int4", "no quantised variant"),
+        ("quantized:int8", "takes int4"),
+        ("quantized:", "needs the bits"),
     ],
 )
 def test_parse_errors(text, message):
@@ -43,6 +48,19 @@ def test_labels_slugs_and_settings(all_kept_mask):
     assert len(leank_spec.settings()["mask_sha256"]) == 64
     assert parse_method("random:0.5", seed=3).settings()["seed"] == 3
     assert parse_method("think:0.7").settings()["window"] == 32
+
+
+def test_quantised_methods(all_kept_mask, tiny_lm, tokenizer, tmp_path):
+    spec = parse_method(f"leank:{all_kept_mask}+int4")
+    assert (spec.label, spec.family, spec.slug) == ("leank:all-kept+int4", "leank+int4", "leank-all-kept-int4")
+    assert spec.settings()["quant"] == {"bits": 4, "group": 32}
+    assert parse_method("magnitude:0.7+int8g64").label == "magnitude:0.7+int8g64"
+    method = prepare(f"leank:{all_kept_mask}+int8", tiny_lm, tokenizer, tmp_path)
+    cache = method.new_cache(tiny_lm, max_length=40)
+    assert cache.quant == leank.KVQuant(8)
+    quantized = parse_method("quantized:int4")
+    assert (quantized.label, quantized.family, quantized.settings()["backend"]) == (
+        "quantized:int4", "quantized:int4", "quanto")
 
 
 def test_parse_methods_refuses_duplicates_and_nothing():

@@ -54,3 +54,19 @@ def test_agreement_only_and_empty(tmp_path):
     agreement_json(tmp_path / "agreement.json")
     assert "## Decode agreement" in write_report(tmp_path).read_text()
     assert not (tmp_path / ACCURACY_PLOT).exists()
+
+
+def test_frontier_table_and_plot(fake_results):
+    """Accuracy against the fraction of dense KV bytes, fewest bytes first per length (the fake
+    results hold 1 - sparsity / 2 of the dense bytes)."""
+    from leank.eval.report import FRONTIER_PLOT
+
+    report = write_report(fake_results).read_text()
+    section = report.split("## Accuracy vs KV bytes")[1]
+    rows = [line for line in section.splitlines() if line.startswith("| 4096 |")]
+    assert rows == ["| 4096 | magnitude:0.8 | 60.0% | 1.67× | 55.0 | 2 | allocated |",
+                    "| 4096 | magnitude:0.7 | 65.0% | 1.54× | 75.0 | 2 | allocated |",
+                    "| 4096 | think:0.7 | 65.0% | 1.54× | 15.0 | 2 | allocated |",
+                    "| 4096 | full | 100.0% | 1.00× | 90.0 | 2 | allocated |"]
+    if (fake_results / ACCURACY_PLOT).exists():  # matplotlib present
+        assert (fake_results / FRONTIER_PLOT).read_bytes().startswith(PNG)

@@ -1,0 +1,109 @@
+"""KV quantisation of the middle store: the format and its torch quantiser/dequantiser.
+
+    quant = KVQuant(bits=4, group=32)
+    codes, params = quantize(x, quant)            # x [..., n] -> uint8 [..., row_bytes(n)], [..., 2 * row_groups(n)]
+    x_hat = dequantize(codes, params, n, quant)   # fp32 [..., n]
+
+**The format** (one row = one token's kept K channels of one KV head, or its V): the row's
+``n`` values are cut into groups of ``group`` consecutive values (the last one may be
+shorter). Each group stores a ``scale`` and a ``zero`` (its minimum), both in the cache's
+dtype, interleaved (``scale, zero`` per group); each value stores the code
+``clamp(floor((x - zero) / scale + 1/2), 0, 2^bits - 1)`` computed in fp32 from the
+*stored* (rounded) scale and zero, where ``scale = (max - min) / (2^bits - 1)`` (a group
+of equal values has scale 0 and codes 0). ``x̂ = zero + code · scale``. ``bits = 8``: one
+code per byte; ``bits = 4``: two per byte, value ``2j`` in the low nibble and ``2j + 1``
+in the high one (an odd row ends with a half-used byte).
+
+Bound: in fp32, ``|x - x̂| <= scale / 2`` up to fp32 rounding; in fp16/bf16 also the
+rounding of ``scale`` and ``zero`` to the dtype (``|min - zero| + (2^bits - 1) |Δscale|``).
+
+Why this grouping (see docs/LOG.md, issue 14): tokens enter the middle store one per
+decode step, so per-token groups along channels quantise each token on its own as it
+leaves the ring (no staging buffer); asymmetric (with a zero point) because post-RoPE K
+channels are not centred. The Triton store kernel (:mod:`leank.kernels.triton_store`)
+writes the same codes; the Triton decode kernel dequantises in its loads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .errors import LeanKError
+
+BITS = (4, 8)
+GROUPS = (8, 16, 32, 64, 128)
+
+
+@dataclass(frozen=True)
+class KVQuant:
+    """How the middle store is quantised: ``bits`` per value (8 or 4) and ``group`` values
+    per scale/zero pair (a power of two, 8 to 128)."""
+
+    bits: int = 8
+    group: int = 32
+
+    def __post_init__(self) -> None:
+        if type(self.bits) is not int or self.bits not in BITS:
+            raise LeanKError(f"KVQuant bits must be 8 or 4, got {self.bits!r}")
+        if type(self.group) is not int or self.group not in GROUPS:
+            raise LeanKError(f"KVQuant group must be one of {', '.join(map(str, GROUPS))}, got {self.group!r}")
+
+    @property
+    def levels(self) -> int:
+        return (1 << self.bits) - 1
+
+    @property
+    def label(self) -> str:
+        """``int8``, ``int4`` (``int4g64`` for a group other than 32)."""
+        return f"int{self.bits}" + ("" if self.group == 32 else f"g{self.group}")
+
+    def row_bytes(self, n: int) -> int:
+        """Code bytes of a row of ``n`` values."""
+        return (n * self.bits + 7) // 8
+
+    def row_groups(self, n: int) -> int:
+        """Scale/zero pairs of a row of ``n`` values."""
+        return -(-n // self.group)
+
+
+def parse_quant(text: str) -> KVQuant:
+    """``int8``, ``int4``, ``int4g64`` → :class:`KVQuant`."""
+    body, sep, group = text.partition("g")
+    if not body.startswith("int") or not body[3:].isdigit() or (sep and not group.isdigit()):
+        raise LeanKError(f"unknown KV quantisation {text!r}: use int8, int4 or e.g. int4g64")
+    return KVQuant(bits=int(body[3:]), group=int(group) if group else 32)
+
+
+def quantize(x: torch.Tensor, quant: KVQuant) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows ``x`` ``[..., n]`` → codes uint8 ``[..., row_bytes(n)]`` and params ``[..., 2 * row_groups(n)]``
+    (``scale, zero`` per group, in ``x``'s dtype); see the module docstring."""
+    n, g = x.shape[-1], quant.group
+    groups = quant.row_groups(n)
+    pad = groups * g - n
+    xf = x.float()
+    lo = F.pad(xf, (0, pad), value=float("inf")).unflatten(-1, (groups, g)).amin(-1)
+    hi = F.pad(xf, (0, pad), value=float("-inf")).unflatten(-1, (groups, g)).amax(-1)
+    scale = ((hi - lo) / quant.levels).to(x.dtype)
+    zero = lo.to(x.dtype)
+    s = scale.float().repeat_interleave(g, -1)[..., :n]
+    z = zero.float().repeat_interleave(g, -1)[..., :n]
+    codes = torch.floor((xf - z) / torch.where(s > 0, s, 1.0) + 0.5).clamp_(0, quant.levels).to(torch.uint8)
+    if quant.bits == 4:
+        codes = F.pad(codes, (0, n % 2))
+        codes = codes[..., 0::2] | (codes[..., 1::2] << 4)
+    return codes, torch.stack([scale, zero], -1).flatten(-2)
+
+
+def dequantize(codes: torch.Tensor, params: torch.Tensor, n: int, quant: KVQuant,
+               dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Codes ``[..., row_bytes(n)]`` and params ``[..., 2 * row_groups(n)]`` → values ``[..., n]`` in ``dtype``."""
+    if quant.bits == 4:
+        codes = torch.stack([codes & 15, codes >> 4], -1).flatten(-2)
+    codes = codes[..., :n].to(dtype)
+    p = params.to(dtype).unflatten(-1, (-1, 2))
+    scale = p[..., 0].repeat_interleave(quant.group, -1)[..., :n]
+    zero = p[..., 1].repeat_interleave(quant.group, -1)[..., :n]
+    return zero + codes * scale

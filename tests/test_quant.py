@@ -1,0 +1,68 @@
+"""The middle store's quantisation format (leank.quant) against its documented bound, with
+an unpacking and a per-group bound written out here."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from leank.errors import LeanKError
+from leank.quant import KVQuant, dequantize, parse_quant, quantize
+
+
+def unpack(codes: torch.Tensor, n: int, bits: int) -> torch.Tensor:
+    """Codes per value, by the documented layout (low nibble first)."""
+    if bits == 8:
+        return codes[..., :n].long()
+    out = torch.empty(*codes.shape[:-1], 2 * codes.shape[-1], dtype=torch.long)
+    out[..., 0::2] = codes.long() % 16
+    out[..., 1::2] = codes.long() // 16
+    return out[..., :n]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("bits, group, n", [(8, 32, 64), (4, 32, 64), (4, 16, 23), (8, 8, 5), (4, 64, 96),
+                                            (4, 32, 1), (8, 128, 128)])
+def test_round_trip_within_the_bound(bits, group, n, dtype):
+    gen = torch.Generator().manual_seed(torch.seed() % 2**31)
+    quant = KVQuant(bits=bits, group=group)
+    # Rows with an offset and outliers (post-RoPE K is neither centred nor flat), and a
+    # constant row (scale 0).
+    x = (torch.randn(6, 5, n, generator=gen) * torch.rand(6, 5, 1, generator=gen) * 4
+         + torch.randn(6, 5, 1, generator=gen) * 3)
+    x[0, 0] = 1.5
+    x = x.to(dtype)
+    codes, params = quantize(x, quant)
+    assert codes.dtype == torch.uint8 and codes.shape == (6, 5, quant.row_bytes(n))
+    assert params.dtype == dtype and params.shape == (6, 5, 2 * quant.row_groups(n))
+    value_codes = unpack(codes, n, bits)
+    assert value_codes.min() >= 0 and value_codes.max() <= 2**bits - 1
+    # Per value: its group's true range and stored scale/zero, in float64.
+    xd = x.double()
+    group_of = torch.arange(n) // group
+    scale, zero = params.double()[..., 0::2][..., group_of], params.double()[..., 1::2][..., group_of]
+    lo = torch.stack([xd[..., group_of == j].amin(-1) for j in range(quant.row_groups(n))], -1)[..., group_of]
+    hi = torch.stack([xd[..., group_of == j].amax(-1) for j in range(quant.row_groups(n))], -1)[..., group_of]
+    true_scale = (hi - lo) / (2**bits - 1)
+    rounding = (lo - zero).abs() + (2**bits - 1) * (scale - true_scale).abs()
+    bound = true_scale / 2 + rounding + 1e-6 * (1 + xd.abs())
+    x_hat = dequantize(codes, params, n, quant, torch.float64)
+    assert torch.equal(x_hat, zero + value_codes.double() * scale)  # the documented formula
+    err = (x_hat - xd).abs()
+    assert (err <= bound).all(), (err - bound).max()
+    # The bound is nearly reached (rounding to the nearest code, not truncation, is what it allows).
+    if n > 1:
+        assert (err > 0.3 * true_scale).any()
+    assert torch.equal(x_hat[0, 0], xd[0, 0])  # a constant row comes back exactly
+
+
+def test_bad_configs_and_names():
+    for bad in (dict(bits=3), dict(bits=True), dict(group=12), dict(group=256), dict(bits=8.0)):
+        with pytest.raises(LeanKError, match="KVQuant"):
+            KVQuant(**bad)
+    assert parse_quant("int8") == KVQuant(8, 32)
+    assert parse_quant("int4g64") == KVQuant(4, 64)
+    assert KVQuant(4, 64).label == "int4g64" and KVQuant(8).label == "int8"
+    for bad in ("int3", "fp8", "int4g", "int4gx", "int"):
+        with pytest.raises(LeanKError):
+            parse_quant(bad)
