@@ -23,6 +23,7 @@ import atexit
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -132,6 +133,13 @@ def setup(device: str) -> Dist:
 
 def _destroy() -> None:
     if dist.is_initialized():
+        if dist.get_backend() == "gloo":
+            # Leave together: a rank that tears down while another still talks aborts it
+            # ("terminate called without an active exception", seen under heavy CPU load).
+            try:
+                dist.monitored_barrier(timeout=timedelta(seconds=60))
+            except RuntimeError:  # a rank is gone: nothing to wait for
+                pass
         dist.destroy_process_group()
 
 
