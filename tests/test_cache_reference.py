@@ -91,6 +91,19 @@ def test_matches_reference_property(
     run_and_compare(model, mask, ids, am, sink=sink, recent=recent, new_tokens=new_tokens, max_length=max_length)
 
 
+def two_generate_calls(model, cache, gen, prompt: int = 40):
+    """A 40-token prompt, 20 new tokens, then 15 more prompt tokens and 12 new ones on the same
+    cache (a chat's second turn); returns the second call's output and its input length."""
+    kw = dict(do_sample=False, pad_token_id=0, **leank.cache_kwargs(cache))
+    first = model.generate(input_ids=torch.randint(3, 97, (1, prompt), generator=gen), max_new_tokens=20,
+                           min_new_tokens=20, **kw)
+    more = torch.cat([first, torch.randint(3, 97, (1, 15), generator=gen)], 1)
+    # (an explicit mask: generate() would take generated pad-id tokens for padding)
+    out = model.generate(input_ids=more, attention_mask=torch.ones_like(more), max_new_tokens=12, min_new_tokens=12,
+                         output_logits=True, return_dict_in_generate=True, **kw)
+    return out, more.shape[1]
+
+
 @pytest.mark.parametrize("static", [False, True])
 def test_second_generate_call_continues_the_cache(static):
     """A multi-token step after the prompt (a second ``generate`` on the same cache, as in a
@@ -100,19 +113,12 @@ def test_second_generate_call_continues_the_cache(static):
     mask = mask_with_counts(2, 2, 32, [16, 0, 8, 32], gen)
     leank.enable(model)
     cache = leank.LeanKCache(model, mask, sink=3, recent=6, max_length=120 if static else None)
-    ids = torch.randint(3, 97, (1, 40), generator=gen)
-    kw = dict(do_sample=False, pad_token_id=0, **leank.cache_kwargs(cache))
-    first = model.generate(input_ids=ids, max_new_tokens=20, min_new_tokens=20, **kw)
-    more = torch.cat([first, torch.randint(3, 97, (1, 15), generator=gen)], 1)
-    # (an explicit mask: generate() would take generated pad-id tokens for padding)
-    out = model.generate(input_ids=more, attention_mask=torch.ones_like(more), max_new_tokens=12, min_new_tokens=12,
-                         output_logits=True, return_dict_in_generate=True, **kw)
+    out, n = two_generate_calls(model, cache, gen)
     got = torch.stack(out.logits, 1)
     # Reference: prompt dense, then every later query by the rule (the second chunk's queries
     # included), i.e. prompt_len = the first prompt.
     am = torch.ones_like(out.sequences)
     ref = reference_logits(model, out.sequences, am[:, :40], kept=mask.kept, prompt_len=40, sink=3, recent=6)
-    n = more.shape[1]
     assert (got - ref[:, n - 1 : n - 1 + 12]).abs().max().item() <= 1e-5
 
 

@@ -18,7 +18,7 @@ from leank.errors import LeanKError
 
 from .conftest import left_padded, tiny_model
 from .reference import reference_logits
-from .test_cache_reference import mask_with_counts
+from .test_cache_reference import mask_with_counts, two_generate_calls
 from .test_quant import unpack
 
 
@@ -98,19 +98,13 @@ def test_second_generate_call_and_qwen3():
     mask = mask_with_counts(2, 2, 32, [16, 0, 8, 32], gen)
     leank.enable(model)
     cache = leank.LeanKCache(model, mask, sink=3, recent=6, quant=leank.KVQuant(4, 16))
-    ids = torch.randint(3, 97, (1, 40), generator=gen)
-    kw = dict(do_sample=False, pad_token_id=0, **leank.cache_kwargs(cache))
-    first = model.generate(input_ids=ids, max_new_tokens=20, min_new_tokens=20, **kw)
-    more = torch.cat([first, torch.randint(3, 97, (1, 15), generator=gen)], 1)
-    out = model.generate(input_ids=more, attention_mask=torch.ones_like(more), max_new_tokens=12, min_new_tokens=12,
-                         output_logits=True, return_dict_in_generate=True, **kw)
+    out, n = two_generate_calls(model, cache, gen)
     got = torch.stack(out.logits, 1)
     done = out.sequences[:, :-1]
     am = torch.ones_like(done)
     stored = [stored_middle(layer, done.shape[1]) for layer in cache.leank_layers()]
     ref = reference_logits(model, done, am[:, :40], kept=mask.kept, prompt_len=40, sink=3, recent=6,
                            stored=stored)
-    n = more.shape[1]
     assert (got - ref[:, n - 1 : n - 1 + 12]).abs().max().item() <= 1e-5
 
 
