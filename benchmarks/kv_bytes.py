@@ -5,6 +5,8 @@ allocated (all buffers and index tensors), the ideal figure for the mask, the do
 overhead, and the saving against transformers' DynamicCache. Prints a table, writes JSON.
 
     python benchmarks/kv_bytes.py --lengths 2048 4096 --out benchmarks/results/kv_bytes_smollm2.json
+    python benchmarks/kv_bytes.py --lengths 8192 --dtype bfloat16 --quant \
+        --out benchmarks/results/kv_bytes_quant_smollm2.json   # + the learned 70% mask quantised
 """
 
 from __future__ import annotations
@@ -32,10 +34,14 @@ def main() -> None:
     parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096, 8192])
     parser.add_argument("--decode", type=int, default=8, help="tokens decoded after the prompt")
     parser.add_argument("--device", default=None)
+    parser.add_argument("--dtype", default=None, help="model dtype (default: fp32 on CPU, bf16 on CUDA)")
+    parser.add_argument("--quant", action="store_true",
+                        help="also the learned 70%% mask with an int8, int4 (group 32) and int4 (group 64) "
+                             "middle store")
     parser.add_argument("--out", default="benchmarks/results/kv_bytes_smollm2.json")
     args = parser.parse_args()
 
-    model, tok = leank.load_model("smollm2-135m", device=args.device)
+    model, tok = leank.load_model("smollm2-135m", device=args.device, dtype=args.dtype)
     prose = tok(bundled_prose(), return_tensors="pt", add_special_tokens=False).input_ids
     masks = {
         "learned 70%": ChannelMask.load(leank.bundled_mask_path("smollm2-135m", 0.7)),
@@ -43,19 +49,21 @@ def main() -> None:
         "magnitude 70%": ChannelMask.load(leank.bundled_mask_path("smollm2-135m", method="magnitude")),
         "authors-like 70%": authors_like_mask(torch.rand(30, 3, 64, generator=torch.Generator().manual_seed(0))),
     }
+    variants = {name: (mask, None) for name, mask in masks.items()}
+    if args.quant:
+        for quant in (leank.KVQuant(8), leank.KVQuant(4), leank.KVQuant(4, 64)):
+            variants[f"learned 70% + int{quant.bits} g{quant.group}"] = (masks["learned 70%"], quant)
     rows = []
     for length in args.lengths:
         ids = prose[:, :length].to(model.device)
         kw = dict(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.decode,
                   min_new_tokens=args.decode, do_sample=False, pad_token_id=tok.pad_token_id)
-        model.set_attn_implementation("sdpa")
-        dense = DynamicCache()
+        dense = DynamicCache(config=model.config)  # plain K/V: the "leank" attention runs SDPA on them
         with torch.inference_mode():
             model.generate(**kw, **leank.cache_kwargs(dense))
         dense_bytes = dense_cache_nbytes(dense)
-        leank.enable(model)
-        for name, mask in masks.items():
-            cache = leank.LeanKCache(model, mask, max_length=length + args.decode)
+        for name, (mask, quant) in variants.items():
+            cache = leank.LeanKCache(model, mask, max_length=length + args.decode, quant=quant)
             with torch.inference_mode():
                 model.generate(**kw, **leank.cache_kwargs(cache))
             measured, ideal = cache.nbytes(), cache.ideal_nbytes()
