@@ -28,9 +28,11 @@ def tensor_parallel(model) -> tuple[int, int] | None:
 
     for name, param in model.named_parameters():
         if isinstance(param, DTensor) and name.endswith(_KEY_PROJECTIONS):
+            mesh = param.device_mesh
             for dim, placement in enumerate(param.placements):
-                if isinstance(placement, Shard) and placement.dim == 0:
-                    return param.device_mesh.get_local_rank(dim), param.device_mesh.size(dim)
+                # the tensor-parallel mesh dimension (not, e.g., an FSDP one that also shards rows)
+                if isinstance(placement, Shard) and placement.dim == 0 and mesh.size(dim) == size:
+                    return mesh.get_local_rank(dim), size
     raise LeanKError(
         f"this model is tensor-parallel (tp_size {size}) but no key projection is sharded by rows "
         f"(looked for DTensor parameters named *{' / *'.join(_KEY_PROJECTIONS)} with Shard(0)): LeanK cannot "

@@ -39,6 +39,7 @@ def main(spec_path: str) -> None:
         torch.save({"sequences": out.sequences, "logits": torch.stack(out.logits, 1), **summed},
                    f"{spec['dump']}/result.pt")
     torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -31,10 +31,13 @@ def _quantize_row(x, valid, PARAM_TY: tl.constexpr, LEVELS: tl.constexpr, DP: tl
     lo = tl.min(tl.where(vg, xg, float("inf")), 1)
     hi = tl.max(tl.where(vg, xg, float("-inf")), 1)
     used = tl.max(vg.to(tl.int32), 1) > 0
-    scale = tl.where(used, (hi - lo) / LEVELS, 0.0).to(PARAM_TY)
-    zero = tl.where(used, lo, 0.0).to(PARAM_TY)
+    # IEEE divisions (div_rn; Triton's "/" is approximate on a GPU) and round-to-nearest casts, as torch
+    # computes them: the stored scales and codes are the torch path's, bit for bit.
+    scale = tl.where(used, tl.div_rn(hi - lo, LEVELS + 0.0), 0.0).to(PARAM_TY, fp_downcast_rounding="rtne")
+    zero = tl.where(used, lo, 0.0).to(PARAM_TY, fp_downcast_rounding="rtne")
     s = scale.to(tl.float32)
-    q = tl.floor((xg - zero.to(tl.float32)[:, None]) / tl.where(s > 0, s, 1.0)[:, None] + 0.5)
+    d = tl.where(s > 0, s, 1.0)[:, None]
+    q = tl.floor(tl.div_rn(xg - zero.to(tl.float32)[:, None], tl.broadcast_to(d, xg.shape)) + 0.5)
     q = tl.minimum(tl.maximum(q, 0.0), LEVELS).to(tl.int32)
     codes = tl.where(valid, tl.reshape(q, (DP,)), 0)
     return codes, scale, zero

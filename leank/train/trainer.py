@@ -210,8 +210,8 @@ class Trainer:
             distill = 0.0
             for _ in dist.share(cfg.batch):
                 ids, context_end, answer_mask = next(batches)
-                loss = self._sample_loss(ids, int(context_end), answer_mask, scale, empty) / cfg.batch
-                loss.backward(retain_graph=sparsity is not None)
+                loss = self._sample_loss(ids, int(context_end), answer_mask, scale, empty, backward_over=cfg.batch,
+                                         retain_graph=sparsity is not None)
                 distill += loss.item()
             distill = sync_grad(dist, alpha, distill)
             penalty = reg * alpha.mean()
@@ -245,10 +245,13 @@ class Trainer:
                 self._save_checkpoint(ckpt, alpha, opt, step + 1)
         return alpha.detach()
 
-    def _sample_loss(self, ids, context_end, answer_mask, scale, empty):
+    def _sample_loss(self, ids, context_end, answer_mask, scale, empty, *, backward_over: int | None = None,
+                     retain_graph: bool = False) -> torch.Tensor:
+        """The sample's distillation loss; with ``backward_over`` = n, loss / n, backpropagated.
+        Running out of GPU memory, in the forward or the backward pass, is one LeanKError naming the knobs."""
         ids = ids.to(self.device)[None]
         try:
-            return distill_loss(
+            loss = distill_loss(
                 self.model,
                 ids,
                 context_end,
@@ -259,6 +262,10 @@ class Trainer:
                 empty_heads=empty,
                 checkpoint=self.cfg.recompute,
             )
+            if backward_over is not None:
+                loss = loss / backward_over
+                loss.backward(retain_graph=retain_graph)
+            return loss
         except torch.cuda.OutOfMemoryError:
             cuda = self.device.type == "cuda"
             gpu = f" ({torch.cuda.mem_get_info(self.device)[1] / 2**30:.0f} GiB GPU)" if cuda else ""
@@ -274,7 +281,7 @@ class Trainer:
         tokens (the longest a run draws), so a context that does not fit fails now, with the knob
         to turn, rather than hours in. Returns the measured peak (CUDA) and the seconds it took."""
         cfg = self.cfg
-        decode = min(128, cfg.max_length - cfg.sink - cfg.recent - 1)  # question + answer, generously
+        decode = max(2, min(128, cfg.max_length - cfg.sink - cfg.recent - 1))  # question + answer, generously
         gen = torch.Generator().manual_seed(cfg.seed)
         ids = torch.randint(0, self.tokenizer.vocab_size, (cfg.max_length,), generator=gen)
         answer = torch.zeros(cfg.max_length, dtype=torch.bool)
@@ -286,7 +293,7 @@ class Trainer:
         t0 = time.perf_counter()
         for sparsity in (None, max(cfg.sparsities)):  # stage 1, then stage 2's binarised scale
             scale, empty = (alpha, None) if sparsity is None else binary_scale(alpha, sparsity, cfg.alignment)
-            self._sample_loss(ids, cfg.max_length - decode, answer, scale, empty).backward()
+            self._sample_loss(ids, cfg.max_length - decode, answer, scale, empty, backward_over=1)
         out = {"tokens": cfg.max_length, "seconds": round(time.perf_counter() - t0, 2)}
         if self.device.type == "cuda":
             out["peak_gib"] = round(torch.cuda.max_memory_allocated(self.device) / 2**30, 2)

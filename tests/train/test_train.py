@@ -107,16 +107,18 @@ def test_killed_and_resumed_equals_uninterrupted(tiny_dir, tmp_path, monkeypatch
     calls = {"n": 0}
     original = trainer_mod.Trainer._sample_loss
 
-    def dying(self, *args):
+    def dying(self, *args, **kwargs):
         calls["n"] += 1
         if calls["n"] == 4:  # killed during stage-1 step 3 (checkpoint at step 2)
             raise KeyboardInterrupt
-        return original(self, *args)
+        return original(self, *args, **kwargs)
 
     monkeypatch.setattr(trainer_mod.Trainer, "_sample_loss", dying)
+    monkeypatch.setattr(trainer_mod.Trainer, "check_memory", lambda self: {})  # count training samples only
     with pytest.raises(KeyboardInterrupt):
         train(config(tiny_dir, tmp_path / "b"), progress=False)
-    monkeypatch.setattr(trainer_mod.Trainer, "_sample_loss", original)
+    assert (tmp_path / "b" / "checkpoints" / "stage1.pt").exists()  # killed after the step-2 checkpoint
+    monkeypatch.undo()
     with pytest.raises(LeanKError, match="pass --resume"):
         train(config(tiny_dir, tmp_path / "b"), progress=False)
     train(config(tiny_dir, tmp_path / "b"), resume=True, progress=False)
@@ -263,6 +265,21 @@ def test_memory_check_refuses_a_context_that_does_not_fit_before_the_run(tiny_di
         raise torch.cuda.OutOfMemoryError("CUDA out of memory")
 
     monkeypatch.setattr(trainer_module, "distill_loss", oom)
+    with pytest.raises(LeanKError, match=r"420-token sample: lower --max-length"):
+        train(config(tiny_dir, tmp_path / "run"), progress=False)
+    assert not (tmp_path / "run" / "config.json").exists()
+
+    class OomInBackward(torch.autograd.Function):  # the backward pass is where recomputation peaks
+        @staticmethod
+        def forward(ctx, x):
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, grad):
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    real = trainer_module.distill_loss
+    monkeypatch.setattr(trainer_module, "distill_loss", lambda *a, **k: OomInBackward.apply(real(*a, **k)))
     with pytest.raises(LeanKError, match=r"420-token sample: lower --max-length"):
         train(config(tiny_dir, tmp_path / "run"), progress=False)
     assert not (tmp_path / "run" / "config.json").exists()
