@@ -72,25 +72,25 @@ def _store_step_kernel(
     QBITS: tl.constexpr, GROUP: tl.constexpr,
 ):
     bh = tl.program_id(0)
-    b = bh // H
-    h = bh % H
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
     offs = tl.arange(0, DP)
     dmask = offs < D
     seen = tl.load(SEEN)
     pos = seen - RING  # the leaving token's position (< 0: the ring is not full yet)
-    ring = b.to(tl.int64) * stride_rb + h.to(tl.int64) * stride_rh + (seen % RING) * D
+    ring = b * stride_rb + h * stride_rh + (seen % RING) * D
     k_old = tl.load(RK + ring + offs, mask=dmask)
     v_old = tl.load(RV + ring + offs, mask=dmask)
     c = tl.load(HEAD_C + h)
     cmask = offs < c
     k_kept = tl.load(RK + ring + tl.load(HEAD_CHAN + h * D + offs, mask=cmask, other=0), mask=cmask)
-    k_new = tl.load(K + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh + offs, mask=dmask)
-    v_new = tl.load(V + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh + offs, mask=dmask)
+    k_new = tl.load(K + b * stride_kb + h * stride_kh + offs, mask=dmask)
+    v_new = tl.load(V + b * stride_vb + h * stride_vh + offs, mask=dmask)
     tl.debug_barrier()  # every read of the slot before it is overwritten
     if SINK_WRITE:
         s = pos - tl.load(PADS + b)
         if (pos >= 0) & (s >= 0) & (s < S):
-            sink = b.to(tl.int64) * stride_sb + h.to(tl.int64) * stride_sh + s * D + offs
+            sink = b * stride_sb + h * stride_sh + s * D + offs
             tl.store(SK + sink, k_old, mask=dmask)
             tl.store(SV + sink, v_old, mask=dmask)
     if MIDDLE:
@@ -102,17 +102,17 @@ def _store_step_kernel(
                 VB: tl.constexpr = D * QBITS // 8
                 VP: tl.constexpr = 2 * ((D + GROUP - 1) // GROUP)
                 voff = tl.load(HEAD_VOFF + h).to(tl.int64) * SLOTS
-                _store_row(MK + b.to(tl.int64) * stride_mkb + tl.load(HEAD_KOFF + h).to(tl.int64) * SLOTS + i * kb,
-                           MKP + b.to(tl.int64) * stride_mkpb + tl.load(HEAD_KPOFF + h).to(tl.int64) * SLOTS + i * kp,
+                _store_row(MK + b * stride_mkb + tl.load(HEAD_KOFF + h).to(tl.int64) * SLOTS + i * kb,
+                           MKP + b * stride_mkpb + tl.load(HEAD_KPOFF + h).to(tl.int64) * SLOTS + i * kp,
                            k_kept.to(tl.float32), cmask, c, QBITS, DP, GROUP)
-                _store_row(MV + b.to(tl.int64) * stride_mvb + voff * VB + i * VB,
-                           MVP + b.to(tl.int64) * stride_mvpb + voff * VP + i * VP, v_old.to(tl.float32), dmask, D,
+                _store_row(MV + b * stride_mvb + voff * VB + i * VB,
+                           MVP + b * stride_mvpb + voff * VP + i * VP, v_old.to(tl.float32), dmask, D,
                            QBITS, DP, GROUP)
             else:
                 k_at = tl.load(HEAD_KOFF + h).to(tl.int64) * SLOTS + i * c
                 v_at = tl.load(HEAD_VOFF + h).to(tl.int64) * SLOTS * D + i * D
-                tl.store(MK + b.to(tl.int64) * stride_mkb + k_at + offs, k_kept, mask=cmask)
-                tl.store(MV + b.to(tl.int64) * stride_mvb + v_at + offs, v_old, mask=dmask)
+                tl.store(MK + b * stride_mkb + k_at + offs, k_kept, mask=cmask)
+                tl.store(MV + b * stride_mvb + v_at + offs, v_old, mask=dmask)
     tl.store(RK + ring + offs, k_new, mask=dmask)
     tl.store(RV + ring + offs, v_new, mask=dmask)
 
