@@ -90,15 +90,14 @@ def weight_bytes(model, batch: int) -> int:
 def kv_bytes_needed(method: str, model, cache, batch: int, tokens: int) -> int:
     """KV bytes one step must read: every token's K/V for the dense caches (a sliding-window
     layer's window only), LeanK's ideal bytes (its sliding layers as the dense cache's)."""
-    from .architectures import layer_windows
+    from .architectures import kv_heads_and_dim, layer_windows
 
     if method.startswith("leank"):
         return cache.ideal_nbytes()
-    cfg = model.config
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    kv_heads, head_dim = kv_heads_and_dim(model.config)
     elem = next(model.parameters()).element_size()
-    layer_tokens = sum(tokens if w is None else min(tokens, w) for w in layer_windows(cfg))
-    return 2 * batch * layer_tokens * cfg.num_key_value_heads * head_dim * elem
+    layer_tokens = sum(tokens if w is None else min(tokens, w) for w in layer_windows(model.config))
+    return 2 * batch * layer_tokens * kv_heads * head_dim * elem
 
 
 def kv_bytes_allocated(method: str, cache) -> tuple[int, int]:
