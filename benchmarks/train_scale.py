@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _env import environment  # noqa: E402
 
 from leank._defaults import DEFAULT_RECENT, DEFAULT_SINK  # noqa: E402
-from leank._io import atomic_write_json, atomic_write_text  # noqa: E402
+from leank._io import atomic_write_json, atomic_write_text, make_dirs  # noqa: E402
 from leank.data.training import TrainDataConfig, TrainSampler  # noqa: E402
 from leank.masks import kv_shape  # noqa: E402
 from leank.models import check_device, load_model  # noqa: E402
@@ -187,16 +187,14 @@ def main(argv=None) -> dict:
     device = check_device(args.device)
     model, tokenizer = load_model(args.model, device=device, dtype=args.dtype)
     model.requires_grad_(False)
-    rows = []
-    for context in sorted(args.contexts):
+    rows, env, out = [], environment(), make_dirs(args.out)
+    for context in sorted(args.contexts):  # results rewritten after each context: a cut-short run keeps them
         rows.append(measure(model, tokenizer, context, args, device))
-    env = environment()
-    result = {"model": args.model, "environment": env, "steps": args.steps, "recompute": args.recompute,
-              "rows": rows, "projection": projection(rows), "paper": PAPER}
-    out = Path(args.out)
-    atomic_write_json(out / "results.json", result)
-    atomic_write_text(out / "results.md", markdown(result))
-    print(markdown(result))
+        result = {"model": args.model, "environment": env, "steps": args.steps, "recompute": args.recompute,
+                  "rows": rows, "projection": projection(rows), "paper": PAPER}
+        atomic_write_json(out / "results.json", result)
+        atomic_write_text(out / "results.md", markdown(result))
+        print(markdown(result), flush=True)
     return result
 
 

@@ -47,6 +47,7 @@ from .quant import KVQuant
 METHODS = ("full", "full-compiled", "leank-eager", "leank", "leank-int8", "leank-int4")
 DEFAULT_METHODS = METHODS[:4]
 COMPILED = ("full-compiled", "leank", "leank-int8", "leank-int4")  # leank-intN: the compiled step, middle quantised
+COMPILE_MODES = ("reduce-overhead", "max-autotune")  # both capture CUDA graphs
 LLAMA_8B_SHAPE = "llama3.1-8b-shape"
 
 
@@ -273,13 +274,18 @@ def load(model_name: str, mask_path: str | None, device):
 
 
 def bench(model_name: str, *, mask_path=None, lengths=(8192,), batches=(1,), budget_gib=None, methods=DEFAULT_METHODS,
-          steps=32, warmup=4, progress=print) -> dict:
+          steps=32, warmup=4, compile_mode=None, progress=print) -> dict:
     if not torch.cuda.is_available():
         raise LeanKError("leank bench measures GPU decoding: no CUDA device is available")
     unknown = set(methods) - set(METHODS)
     if unknown:
         raise LeanKError(f"unknown method(s) {sorted(unknown)}: choose from {', '.join(METHODS)}")
     model, mask = load(model_name, mask_path, torch.device("cuda"))
+    compile_config = None
+    if compile_mode:
+        from transformers import CompileConfig
+
+        compile_config = CompileConfig(mode=compile_mode)
     copy_bw = copy_bandwidth(model.device)
     progress(f"  copy bandwidth {copy_bw / 1e12:.2f} TB/s (read + write)")
     rows, capacity = [], []
@@ -299,7 +305,8 @@ def bench(model_name: str, *, mask_path=None, lengths=(8192,), batches=(1,), bud
             for method in methods:
                 try:
                     res = _guarded(lambda m=method, b=batch, t=length: run_one(
-                        model, m, mask, batch=b, length=t, steps=steps, warmup=warmup, copy_bw=copy_bw), None)
+                        model, m, mask, batch=b, length=t, steps=steps, warmup=warmup, copy_bw=copy_bw,
+                        compile_config=compile_config), None)
                     row = res or {"method": method, "batch": batch, "prompt": length, "oom": True}
                 except LeanKError as e:
                     row = {"method": method, "batch": batch, "prompt": length, "error": str(e)}
@@ -307,7 +314,8 @@ def bench(model_name: str, *, mask_path=None, lengths=(8192,), batches=(1,), bud
                     row["note"] = "largest batch both full and leank fit"
                 rows.append(row)
                 progress("  " + _fmt(row))
-    return {"model": model_name, "mask": str(mask_path or "default"), "copy_tb_s": copy_bw / 1e12, "rows": rows,
+    return {"model": model_name, "mask": str(mask_path or "default"), "compile_mode": compile_mode or "default",
+            "copy_tb_s": copy_bw / 1e12, "rows": rows,
             "capacity": capacity, "summary": summarize(rows, capacity)}
 
 
@@ -360,7 +368,8 @@ def markdown(result: dict, environment: dict) -> str:
         f"GPU: {environment.get('gpu')}; torch {environment.get('torch')}, transformers "
         f"{environment.get('transformers')}, triton {environment.get('triton')}; copy bandwidth "
         f"{result['copy_tb_s']:.2f} TB/s (read + write, measured in this run).",
-        f"Command: `{environment.get('command')}`",
+        f"Command: `{environment.get('command')}`; compile mode of the compiled methods: "
+        f"{result.get('compile_mode', 'default')}.",
         "",
         "Step = median of the timed steps (CUDA events). Read = weights read + KV bytes needed per step; "
         "floor = read / copy bandwidth; MBU = floor / step.",
@@ -401,6 +410,9 @@ def register(sub) -> None:
                    help=f"any of {', '.join(METHODS)} (default: the first four)")
     p.add_argument("--steps", type=int, default=32)
     p.add_argument("--warmup", type=int, default=4, help="untimed steps first (compiled methods compile in them)")
+    p.add_argument("--compile-mode", default=None, choices=COMPILE_MODES,
+                   help="torch.compile mode of the compiled methods (default: transformers' CompileConfig, "
+                        "reduce-overhead)")
     p.add_argument("--out", default=None, help="directory for results.json and results.md")
     p.set_defaults(run=_main)
 
@@ -419,7 +431,8 @@ def _main(args) -> int:
     if any(m in COMPILED for m in args.methods) and args.warmup < 3:
         raise LeanKError("compiled methods need --warmup >= 3 (compilation and CUDA-graph recording happen there)")
     result = bench(args.model, mask_path=args.mask, lengths=args.lengths, batches=args.batches,
-                   budget_gib=args.budget_gib, methods=args.methods, steps=args.steps, warmup=args.warmup)
+                   budget_gib=args.budget_gib, methods=args.methods, steps=args.steps, warmup=args.warmup,
+                   compile_mode=args.compile_mode)
     env = environment(" ".join(["leank"] + sys.argv[1:]))
     text = markdown(result, env)
     print(text)

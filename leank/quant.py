@@ -86,7 +86,9 @@ def quantize(x: torch.Tensor, quant: KVQuant) -> tuple[torch.Tensor, torch.Tenso
     xf = x.float()
     lo = F.pad(xf, (0, pad), value=float("inf")).unflatten(-1, (groups, g)).amin(-1)
     hi = F.pad(xf, (0, pad), value=float("-inf")).unflatten(-1, (groups, g)).amax(-1)
-    scale = ((hi - lo) / quant.levels).to(x.dtype)
+    # A tensor divisor: torch on CUDA divides by a Python scalar as a multiply by its reciprocal
+    # (not IEEE), and the store kernel's scales must equal these bit for bit.
+    scale = ((hi - lo) / torch.full_like(hi, quant.levels)).to(x.dtype)
     zero = lo.to(x.dtype)
     s = scale.float().repeat_interleave(g, -1)[..., :n]
     z = zero.float().repeat_interleave(g, -1)[..., :n]

@@ -380,6 +380,28 @@ def test_quantised_kernel_matches_the_torch_path(case, quant, dtype):
         td.decode_attention_triton(query, hist.layer.view, D**-0.5, out=out, programs=programs)
         expect = decode_attention_torch(query.float(), hist.layer.view, D**-0.5)  # fp32 torch path
         assert torch.isfinite(out).all()
-        tol = 1e-5 if dtype == torch.float32 else 4e-3
+        # bf16: the kernel rounds dequantised K/V tiles to bf16 for the tensor cores (2^-9 relative per
+        # value) where the reference keeps them in fp32; on an H200 that gave 4.2e-3 to 5.2e-3 (5 runs).
+        tol = {torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 1e-2}[dtype]
         assert rel_err(out, expect.double()) <= tol, rel_err(out, expect.double())
     assert hist.layer.middle_length() > 0
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(CUDA, reason="the GPU tests compile and run the kernels themselves")
+def test_kernel_compiles_for_sm90():
+    """The interpreter accepts what the GPU compiler may refuse: compile the decode and merge
+    kernels for sm_90 (no GPU needed) with a quantised middle in fp16/bf16 and a plain bf16 one."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    root = Path(__file__).resolve().parents[1]
+    cases = ["8:float16", "4:bfloat16", "0:bfloat16"]
+    proc = subprocess.run([sys.executable, "-m", "tests.sm90_compile", *cases], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=600)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith(tuple(cases))]
+    assert proc.returncode == 0 and len(lines) == len(cases), proc.stdout[-3000:] + proc.stderr[-3000:]

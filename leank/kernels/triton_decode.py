@@ -142,14 +142,18 @@ def _middle(acc, m_i, l_i, q_rows, gmask, chan, c, k_base, v_base, lo, hi, qk_sc
     cmask = offs_kc < c
     ch = tl.load(chan + offs_kc, mask=cmask, other=0)
     q = tl.load(q_rows[:, None] + ch[None, :], mask=gmask[:, None] & cmask[None, :], other=0.0)
+    # One return after a compile-time if/else: an early return inside the ``if`` would still
+    # compile the plain path below it for 8-bit pointers (tl.dot then refuses K < 32).
     if QBITS > 0:
         if UPCAST:
             q = q.to(tl.float32)
-        return _attend(acc, m_i, l_i, q, qk_scale, cap_scale, k_base, v_base, (c * QBITS + 7) // 8, lo, hi, offs_kc,
-                       c, offs_d, D, 1, False, HAS_CAP, BLOCK, UPCAST, PREC, kp_base, vp_base,
-                       2 * ((c + GROUP - 1) // GROUP), QBITS, GROUP)
-    return _attend(acc, m_i, l_i, q, qk_scale, cap_scale, k_base, v_base, c, lo, hi, offs_kc, c, offs_d, D, 1,
-                   False, HAS_CAP, BLOCK, UPCAST, PREC)
+        acc, m_i, l_i = _attend(acc, m_i, l_i, q, qk_scale, cap_scale, k_base, v_base, (c * QBITS + 7) // 8, lo, hi,
+                                offs_kc, c, offs_d, D, 1, False, HAS_CAP, BLOCK, UPCAST, PREC, kp_base, vp_base,
+                                2 * ((c + GROUP - 1) // GROUP), QBITS, GROUP)
+    else:
+        acc, m_i, l_i = _attend(acc, m_i, l_i, q, qk_scale, cap_scale, k_base, v_base, c, lo, hi, offs_kc, c, offs_d,
+                                D, 1, False, HAS_CAP, BLOCK, UPCAST, PREC)
+    return acc, m_i, l_i
 
 
 @triton.jit(do_not_specialize=["S", "RING", "SLOTS", "B_ROWS", "NS"])
