@@ -4,11 +4,17 @@ Triton's interpreter (the CPU tests) runs kernels as Python: it accepts code tha
 compiler refuses — e.g. a ``tl.dot`` on 8-bit operands with K < 32 in a branch the interpreter
 never takes. This compiles the kernel with the exact arguments ``decode_attention_triton``
 passes, for the cases given on the command line (``QBITS:DTYPE``, e.g. ``4:bfloat16``), and
-prints one line per case. Run without ``TRITON_INTERPRET`` (see tests/test_kernel.py).
+prints one line per case with the decode kernel's global loads by width (PTX), which shows
+whether the loads are vectorised (pointers and integers divisible by 16 are specialised as
+Triton's launcher does). Run without ``TRITON_INTERPRET`` (see tests/test_kernel.py):
+
+    python -m tests.sm90_compile 0:bfloat16 8:bfloat16 4:bfloat16
 """
 
 from __future__ import annotations
 
+import collections
+import re
 import sys
 
 import torch
@@ -25,14 +31,18 @@ CODES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", t
          torch.int64: "i64", torch.uint8: "u8", torch.int8: "i8"}
 
 
-def _compile_instead_of_launch(jit):
-    """A ``JITFunction.run`` stand-in: the launch's signature and constants, compiled for sm_90."""
+def _compile_instead_of_launch(jit, ptx: dict):
+    """A ``JITFunction.run`` stand-in: the launch's signature, constants and divisibility
+    specialisations, compiled for sm_90; the PTX kept in ``ptx[kernel name]``."""
     def run(*args, grid, warmup, **kw):
         options = {k: kw.pop(k) for k in ("num_warps", "num_stages") if k in kw}
         bound = dict(zip(jit.arg_names[: len(args)], args, strict=True), **kw)
-        signature, constants = {}, {}
-        for p in jit.params:
+        signature, constants, attrs = {}, {}, {}
+        for i, p in enumerate(jit.params):
             v = bound.get(p.name, p.default)
+            if not p.is_constexpr and p.name not in jit.do_not_specialize and (
+                    (isinstance(v, torch.Tensor) and v.data_ptr() % 16 == 0) or (type(v) is int and v % 16 == 0)):
+                attrs[(i,)] = [["tt.divisibility", 16]]
             if p.is_constexpr or v is None:
                 signature[p.name], constants[p.name] = "constexpr", v
             elif isinstance(v, torch.Tensor):
@@ -41,14 +51,16 @@ def _compile_instead_of_launch(jit):
                 signature[p.name] = "i64" if abs(v) >= 2**31 else "i32"
             else:
                 signature[p.name] = "fp32"
-        triton.compile(ASTSource(jit, signature, constants), target=SM90, options=options)
+        compiled = triton.compile(ASTSource(jit, signature, constants, attrs), target=SM90, options=options)
+        ptx[jit.fn.__name__] = compiled.asm["ptx"]
     return run
 
 
 def main(cases: list[str]) -> int:
     td.check_query = lambda query: None  # CPU tensors: only their dtypes and strides matter here
-    td._leank_decode_kernel.run = _compile_instead_of_launch(td._leank_decode_kernel)
-    td._merge_kernel.run = _compile_instead_of_launch(td._merge_kernel)
+    ptx = {}
+    td._leank_decode_kernel.run = _compile_instead_of_launch(td._leank_decode_kernel, ptx)
+    td._merge_kernel.run = _compile_instead_of_launch(td._merge_kernel, ptx)
     failed = 0
     for case in cases:
         bits, dtype = case.split(":")
@@ -59,7 +71,8 @@ def main(cases: list[str]) -> int:
         hist.step()
         try:
             td.decode_attention_triton(hist._rand(1, 16, 1, 128), hist.layer.view, 128**-0.5)
-            print(f"{case}: compiled")
+            loads = collections.Counter(re.findall(r"ld\.global\.([\w.]+)", ptx["_leank_decode_kernel"]))
+            print(f"{case}: compiled; decode kernel global loads by width: {dict(loads.most_common())}")
         except Exception as e:  # noqa: BLE001 - report the innermost compiler message
             while e.__cause__ is not None:
                 e = e.__cause__

@@ -66,18 +66,31 @@ def _tanh(x):
 
 
 @triton.jit
-def _dequant(codes, params, rows, cols, mask, row_bytes, row_params, QBITS: tl.constexpr, GROUP: tl.constexpr):
-    """fp32 values ``[len(rows), len(cols)]`` of quantised rows (``row_bytes`` code bytes and
-    ``row_params`` scale/zero entries per row; value ``j`` in byte ``j`` or in nibble ``j % 2`` of byte ``j // 2``)."""
+def _dequant(codes, params, rows, valid, cols, n, row_bytes, row_params, QBITS: tl.constexpr, GROUP: tl.constexpr):
+    """fp32 values ``[len(rows), len(cols)]`` (``cols`` = ``arange(0, NCOL)``) of quantised rows:
+    ``row_bytes`` code bytes and ``row_params`` scale/zero entries per row, ``n`` values (columns
+    from ``n`` on, and rows not ``valid``, come out 0). Vector loads only: a row's codes as one
+    contiguous run of bytes (int4: ``NCOL / 2`` bytes split into nibbles, value ``2j`` low and
+    ``2j + 1`` high), its (scale, zero) pairs as one run, broadcast over their groups in registers."""
+    BLOCK: tl.constexpr = rows.shape[0]
+    NCOL: tl.constexpr = cols.shape[0]
+    GW: tl.constexpr = GROUP if GROUP < NCOL else NCOL  # values per scale within this tile
+    NG: tl.constexpr = NCOL // GW
+    offs_p = tl.arange(0, 2 * NG)
+    pairs = tl.load(params + rows[:, None] * row_params + offs_p[None, :],
+                    mask=valid[:, None] & (offs_p[None, :] < row_params), other=0.0).to(tl.float32)
+    scale, zero = tl.split(tl.reshape(pairs, (BLOCK, NG, 2)))
     if QBITS == 8:
-        code = tl.load(codes + rows[:, None] * row_bytes + cols[None, :], mask=mask, other=0).to(tl.float32)
+        code = tl.load(codes + rows[:, None] * row_bytes + cols[None, :], mask=valid[:, None] & (cols[None, :] < n),
+                       other=0).to(tl.float32)
     else:
-        byte = tl.load(codes + rows[:, None] * row_bytes + (cols // 2)[None, :], mask=mask, other=0).to(tl.int32)
-        code = ((byte >> ((cols % 2) * 4)[None, :]) & 15).to(tl.float32)
-    at = params + rows[:, None] * row_params + 2 * (cols // GROUP)[None, :]
-    scale = tl.load(at, mask=mask, other=0.0).to(tl.float32)
-    zero = tl.load(at + 1, mask=mask, other=0.0).to(tl.float32)
-    return zero + code * scale
+        offs_b = tl.arange(0, NCOL // 2)
+        byte = tl.load(codes + rows[:, None] * row_bytes + offs_b[None, :],
+                       mask=valid[:, None] & (offs_b[None, :] < row_bytes), other=0).to(tl.int32)
+        code = tl.reshape(tl.join(byte & 15, byte >> 4), (BLOCK, NCOL)).to(tl.float32)
+        code = tl.where(cols[None, :] < n, code, 0.0)
+    x = zero[:, :, None] + tl.reshape(code, (BLOCK, NG, GW)) * scale[:, :, None]
+    return tl.reshape(x, (BLOCK, NCOL))
 
 
 @triton.jit
@@ -106,8 +119,8 @@ def _attend(acc, m_i, l_i, q, qk_scale, cap_scale, k_ptrs_base, v_ptrs_base, k_s
         if QBITS > 0:
             VB: tl.constexpr = D * QBITS // 8
             VP: tl.constexpr = 2 * ((D + GROUP - 1) // GROUP)
-            k = _dequant(k_ptrs_base, kp_base, rows, offs_kc, kmask, k_stride, kp_stride, QBITS, GROUP)
-            v = _dequant(v_ptrs_base, vp_base, rows, offs_d, vmask, VB, VP, QBITS, GROUP)
+            k = _dequant(k_ptrs_base, kp_base, rows, valid, offs_kc, k_cols, k_stride, kp_stride, QBITS, GROUP)
+            v = _dequant(v_ptrs_base, vp_base, rows, valid, offs_d, D, VB, VP, QBITS, GROUP)
             if not UPCAST:
                 k = k.to(q.dtype)
                 v = v.to(q.dtype)
@@ -135,9 +148,9 @@ def _attend(acc, m_i, l_i, q, qk_scale, cap_scale, k_ptrs_base, v_ptrs_base, k_s
 @triton.jit
 def _middle(acc, m_i, l_i, q_rows, gmask, chan, c, k_base, v_base, lo, hi, qk_scale, cap_scale, offs_d, D,
             KC: tl.constexpr, HAS_CAP: tl.constexpr, BLOCK: tl.constexpr, UPCAST: tl.constexpr,
-            PREC: tl.constexpr, kp_base, vp_base, QBITS: tl.constexpr, GROUP: tl.constexpr):
+            PREC: tl.constexpr, kp_base, vp_base, kb, QBITS: tl.constexpr, GROUP: tl.constexpr):
     """Middle tokens of one head keeping ``c <= KC`` channels: the query gathered at the
-    kept channels ``[GP, KC]``, K rows ``c`` wide (quantised: ``ceil(c * QBITS / 8)`` code bytes)."""
+    kept channels ``[GP, KC]``, K rows ``kb`` wide (``c`` values; quantised: ``ceil(c * QBITS / 8)`` code bytes)."""
     offs_kc = tl.arange(0, KC)
     cmask = offs_kc < c
     ch = tl.load(chan + offs_kc, mask=cmask, other=0)
@@ -147,11 +160,11 @@ def _middle(acc, m_i, l_i, q_rows, gmask, chan, c, k_base, v_base, lo, hi, qk_sc
     if QBITS > 0:
         if UPCAST:
             q = q.to(tl.float32)
-        acc, m_i, l_i = _attend(acc, m_i, l_i, q, qk_scale, cap_scale, k_base, v_base, (c * QBITS + 7) // 8, lo, hi,
+        acc, m_i, l_i = _attend(acc, m_i, l_i, q, qk_scale, cap_scale, k_base, v_base, kb, lo, hi,
                                 offs_kc, c, offs_d, D, 1, False, HAS_CAP, BLOCK, UPCAST, PREC, kp_base, vp_base,
                                 2 * ((c + GROUP - 1) // GROUP), QBITS, GROUP)
     else:
-        acc, m_i, l_i = _attend(acc, m_i, l_i, q, qk_scale, cap_scale, k_base, v_base, c, lo, hi, offs_kc, c, offs_d,
+        acc, m_i, l_i = _attend(acc, m_i, l_i, q, qk_scale, cap_scale, k_base, v_base, kb, lo, hi, offs_kc, c, offs_d,
                                 D, 1, False, HAS_CAP, BLOCK, UPCAST, PREC)
     return acc, m_i, l_i
 
@@ -218,7 +231,14 @@ def _leank_decode_kernel(
             c = tl.multiple_of(c, KALIGN)
             voff = tl.load(HEAD_VOFF + h).to(tl.int64) * SLOTS
             if QBITS > 0:  # offsets in code bytes / params (leank.contract)
-                k_base = MK + b.to(tl.int64) * stride_mkb + tl.load(HEAD_KOFF + h).to(tl.int64) * SLOTS
+                koff = tl.load(HEAD_KOFF + h).to(tl.int64) * SLOTS
+                kb = (c * QBITS + 7) // 8  # code bytes per K row
+                stride_k = stride_mkb
+                if KALIGN * QBITS % 8 == 0:  # every head's row bytes, so its offset and the row stride, multiples
+                    koff = tl.multiple_of(koff, KALIGN * QBITS // 8)
+                    kb = tl.multiple_of(c * QBITS // 8, KALIGN * QBITS // 8)
+                    stride_k = tl.multiple_of(stride_mkb, KALIGN * QBITS // 8)
+                k_base = MK + b.to(tl.int64) * stride_k + koff
                 v_base = MV + b.to(tl.int64) * stride_mvb + voff * (D * QBITS // 8)
                 kp_base = MKP + b.to(tl.int64) * stride_mkpb + tl.load(HEAD_KPOFF + h).to(tl.int64) * SLOTS
                 vp_base = MVP + b.to(tl.int64) * stride_mvpb + voff * (2 * ((D + GROUP - 1) // GROUP))
@@ -228,24 +248,25 @@ def _leank_decode_kernel(
                 v_base = MV + b.to(tl.int64) * stride_mvb + voff * D
                 kp_base = MK
                 vp_base = MV
+                kb = c
             chan = HEAD_CHAN + h * D
             # The kept count picks a tile width (a compile-time constant): 16, 32, 64 or DP.
             if c <= 16:
                 acc, m_i, l_i = _middle(acc, m_i, l_i, q_rows, gmask, chan, c, k_base, v_base, lo, hi, qk_scale,
                                         cap_scale, offs_d, D, 16, HAS_CAP, BLOCK, UPCAST, PREC, kp_base,
-                                        vp_base, QBITS, GROUP)
+                                        vp_base, kb, QBITS, GROUP)
             elif c <= 32:
                 acc, m_i, l_i = _middle(acc, m_i, l_i, q_rows, gmask, chan, c, k_base, v_base, lo, hi, qk_scale,
                                         cap_scale, offs_d, D, 32, HAS_CAP, BLOCK, UPCAST, PREC, kp_base,
-                                        vp_base, QBITS, GROUP)
+                                        vp_base, kb, QBITS, GROUP)
             elif c <= 64:
                 acc, m_i, l_i = _middle(acc, m_i, l_i, q_rows, gmask, chan, c, k_base, v_base, lo, hi, qk_scale,
                                         cap_scale, offs_d, D, 64, HAS_CAP, BLOCK, UPCAST, PREC, kp_base,
-                                        vp_base, QBITS, GROUP)
+                                        vp_base, kb, QBITS, GROUP)
             else:
                 acc, m_i, l_i = _middle(acc, m_i, l_i, q_rows, gmask, chan, c, k_base, v_base, lo, hi, qk_scale,
                                         cap_scale, offs_d, D, DP, HAS_CAP, BLOCK, UPCAST, PREC, kp_base,
-                                        vp_base, QBITS, GROUP)
+                                        vp_base, kb, QBITS, GROUP)
 
     # Partial result of this program: o = acc / l and lse = m + log2(l) (-inf when empty).
     has = l_i > 0
