@@ -199,4 +199,9 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from leank.errors import LeanKError
+
+    try:
+        main()
+    except LeanKError as e:  # e.g. the tokenizer's model file missing: one line, before any GPU work
+        sys.exit(f"train_scale.py: error: {e}")

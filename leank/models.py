@@ -283,7 +283,8 @@ def load_model(
     elif isinstance(dtype, str):
         dtype = parse_dtype(dtype)
     if name_or_path in SHAPES:  # random weights, made on the device (no 32 GB detour through the CPU)
-        model, tokenizer = shape_model(name_or_path, device=device, dtype=dtype), load_tokenizer(SMOLLM2_ALIAS)
+        tokenizer = load_tokenizer(SMOLLM2_ALIAS)  # first: a missing tokenizer fails before GBs are allocated
+        model = shape_model(name_or_path, device=device, dtype=dtype)
     else:
         model, tokenizer = _load_pretrained(name_or_path, dtype)
     check_supported(model.config)
