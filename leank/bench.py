@@ -280,6 +280,8 @@ def bench(model_name: str, *, mask_path=None, lengths=(8192,), batches=(1,), bud
     unknown = set(methods) - set(METHODS)
     if unknown:
         raise LeanKError(f"unknown method(s) {sorted(unknown)}: choose from {', '.join(METHODS)}")
+    if compile_mode not in (None, *COMPILE_MODES):
+        raise LeanKError(f"unknown compile mode {compile_mode!r}: choose from {', '.join(COMPILE_MODES)}")
     model, mask = load(model_name, mask_path, torch.device("cuda"))
     compile_config = None
     if compile_mode:
@@ -314,8 +316,8 @@ def bench(model_name: str, *, mask_path=None, lengths=(8192,), batches=(1,), bud
                     row["note"] = "largest batch both full and leank fit"
                 rows.append(row)
                 progress("  " + _fmt(row))
-    return {"model": model_name, "mask": str(mask_path or "default"), "compile_mode": compile_mode or "default",
-            "copy_tb_s": copy_bw / 1e12, "rows": rows,
+    return {"model": model_name, "mask": str(mask_path or "default"),
+            "compile_mode": compile_mode or "default (reduce-overhead)", "copy_tb_s": copy_bw / 1e12, "rows": rows,
             "capacity": capacity, "summary": summarize(rows, capacity)}
 
 

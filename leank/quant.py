@@ -87,7 +87,9 @@ def quantize(x: torch.Tensor, quant: KVQuant) -> tuple[torch.Tensor, torch.Tenso
     lo = F.pad(xf, (0, pad), value=float("inf")).unflatten(-1, (groups, g)).amin(-1)
     hi = F.pad(xf, (0, pad), value=float("-inf")).unflatten(-1, (groups, g)).amax(-1)
     # A tensor divisor: torch on CUDA divides by a Python scalar as a multiply by its reciprocal
-    # (not IEEE), and the store kernel's scales must equal these bit for bit.
+    # (not IEEE), and the store kernel's scales must equal these bit for bit. (Under torch.compile
+    # inductor may fold this constant divisor into a reciprocal too: the compiled CUDA path stores
+    # with the Triton kernel, so only backend="torch" + compile would differ, by an ulp.)
     scale = ((hi - lo) / torch.full_like(hi, quant.levels)).to(x.dtype)
     zero = lo.to(x.dtype)
     s = scale.float().repeat_interleave(g, -1)[..., :n]

@@ -68,8 +68,10 @@ def _tanh(x):
 @triton.jit
 def _dequant(codes, params, rows, valid, cols, n, row_bytes, row_params, QBITS: tl.constexpr, GROUP: tl.constexpr):
     """fp32 values ``[len(rows), len(cols)]`` (``cols`` = ``arange(0, NCOL)``) of quantised rows:
-    ``row_bytes`` code bytes and ``row_params`` scale/zero entries per row, ``n`` values (columns
-    from ``n`` on, and rows not ``valid``, come out 0). Vector loads only: a row's codes as one
+    ``row_bytes`` code bytes and ``row_params`` scale/zero entries per row, ``n`` values. Rows not
+    ``valid`` and groups past the row come out 0; columns from ``n`` on inside the row's last group
+    come out as its zero (harmless: the query is 0 at those K columns, and V lanes from D on are
+    never written out). Vector loads only: a row's codes as one
     contiguous run of bytes (int4: ``NCOL / 2`` bytes split into nibbles, value ``2j`` low and
     ``2j + 1`` high), its (scale, zero) pairs as one run, broadcast over their groups in registers."""
     BLOCK: tl.constexpr = rows.shape[0]
@@ -88,7 +90,6 @@ def _dequant(codes, params, rows, valid, cols, n, row_bytes, row_params, QBITS: 
         byte = tl.load(codes + rows[:, None] * row_bytes + offs_b[None, :],
                        mask=valid[:, None] & (offs_b[None, :] < row_bytes), other=0).to(tl.int32)
         code = tl.reshape(tl.join(byte & 15, byte >> 4), (BLOCK, NCOL)).to(tl.float32)
-        code = tl.where(cols[None, :] < n, code, 0.0)
     x = zero[:, :, None] + tl.reshape(code, (BLOCK, NG, GW)) * scale[:, :, None]
     return tl.reshape(x, (BLOCK, NCOL))
 
@@ -233,12 +234,14 @@ def _leank_decode_kernel(
             if QBITS > 0:  # offsets in code bytes / params (leank.contract)
                 koff = tl.load(HEAD_KOFF + h).to(tl.int64) * SLOTS
                 kb = (c * QBITS + 7) // 8  # code bytes per K row
-                stride_k = stride_mkb
+                row = b.to(tl.int64) * stride_mkb
                 if KALIGN * QBITS % 8 == 0:  # every head's row bytes, so its offset and the row stride, multiples
                     koff = tl.multiple_of(koff, KALIGN * QBITS // 8)
                     kb = tl.multiple_of(c * QBITS // 8, KALIGN * QBITS // 8)
-                    stride_k = tl.multiple_of(stride_mkb, KALIGN * QBITS // 8)
-                k_base = MK + b.to(tl.int64) * stride_k + koff
+                    # On the product: the launcher makes a stride of 1 a constant (a store with no middle,
+                    # never read here); the stride itself is slots x the heads' row bytes.
+                    row = tl.multiple_of(row, KALIGN * QBITS // 8)
+                k_base = MK + row + koff
                 v_base = MV + b.to(tl.int64) * stride_mvb + voff * (D * QBITS // 8)
                 kp_base = MKP + b.to(tl.int64) * stride_mkpb + tl.load(HEAD_KPOFF + h).to(tl.int64) * SLOTS
                 vp_base = MVP + b.to(tl.int64) * stride_mvpb + voff * (2 * ((D + GROUP - 1) // GROUP))
