@@ -273,8 +273,19 @@ def load(model_name: str, mask_path: str | None, device):
     return model, mask
 
 
-def bench(model_name: str, *, mask_path=None, lengths=(8192,), batches=(1,), budget_gib=None, methods=DEFAULT_METHODS,
-          steps=32, warmup=4, compile_mode=None, progress=print) -> dict:
+def bench(model_name: str, *, freeze: bool = False, **kwargs) -> dict:
+    """:func:`measure`, with ``freeze``: the compiled methods under inductor's freezing (weights
+    as constants; its concat-linear patterns fuse the projections that share an input — q/k/v,
+    gate/up — into one GEMM each, at the cost of a fused copy of those weights, since the module
+    keeps its own for the eager prefill)."""
+    import torch._inductor.config as inductor_config
+
+    with inductor_config.patch(freezing=freeze):
+        return dict(measure(model_name, **kwargs), inductor_freezing=freeze)
+
+
+def measure(model_name: str, *, mask_path=None, lengths=(8192,), batches=(1,), budget_gib=None, methods=DEFAULT_METHODS,
+            steps=32, warmup=4, compile_mode=None, progress=print) -> dict:
     if not torch.cuda.is_available():
         raise LeanKError("leank bench measures GPU decoding: no CUDA device is available")
     unknown = set(methods) - set(METHODS)
@@ -371,7 +382,7 @@ def markdown(result: dict, environment: dict) -> str:
         f"{environment.get('transformers')}, triton {environment.get('triton')}; copy bandwidth "
         f"{result['copy_tb_s']:.2f} TB/s (read + write, measured in this run).",
         f"Command: `{environment.get('command')}`; compile mode of the compiled methods: "
-        f"{result.get('compile_mode', 'default')}.",
+        f"{result.get('compile_mode', 'default')}, inductor freezing: {result.get('inductor_freezing', False)}.",
         "",
         "Step = median of the timed steps (CUDA events). Read = weights read + KV bytes needed per step; "
         "floor = read / copy bandwidth; MBU = floor / step.",
@@ -415,6 +426,9 @@ def register(sub) -> None:
     p.add_argument("--compile-mode", default=None, choices=COMPILE_MODES,
                    help="torch.compile mode of the compiled methods (default: transformers' CompileConfig, "
                         "reduce-overhead)")
+    p.add_argument("--freeze", action="store_true",
+                   help="compile with inductor's freezing (weights as constants; q/k/v and gate/up fused into "
+                        "one GEMM each, at the cost of a fused copy of those weights)")
     p.add_argument("--out", default=None, help="directory for results.json and results.md")
     p.set_defaults(run=_main)
 
@@ -434,7 +448,7 @@ def _main(args) -> int:
         raise LeanKError("compiled methods need --warmup >= 3 (compilation and CUDA-graph recording happen there)")
     result = bench(args.model, mask_path=args.mask, lengths=args.lengths, batches=args.batches,
                    budget_gib=args.budget_gib, methods=args.methods, steps=args.steps, warmup=args.warmup,
-                   compile_mode=args.compile_mode)
+                   compile_mode=args.compile_mode, freeze=args.freeze)
     env = environment(" ".join(["leank"] + sys.argv[1:]))
     text = markdown(result, env)
     print(text)
