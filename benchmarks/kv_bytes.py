@@ -51,8 +51,10 @@ def main() -> None:
     }
     variants = {name: (mask, None) for name, mask in masks.items()}
     if args.quant:
-        for quant in (leank.KVQuant(8), leank.KVQuant(4), leank.KVQuant(4, 64)):
-            variants[f"learned 70% + int{quant.bits} g{quant.group}"] = (masks["learned 70%"], quant)
+        for quant in (leank.KVQuant(8), leank.KVQuant(4), leank.KVQuant(4, 64), leank.KVQuant(4, symmetric=True),
+                      leank.KVQuant(4, 64, symmetric=True)):
+            sym = " symmetric" if quant.symmetric else ""
+            variants[f"learned 70% + int{quant.bits} g{quant.group}{sym}"] = (masks["learned 70%"], quant)
     rows = []
     for length in args.lengths:
         ids = prose[:, :length].to(model.device)

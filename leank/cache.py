@@ -143,12 +143,12 @@ class LeanKLayer(DynamicLayer):
 
     def _kp_row(self, c: int) -> int:
         """``mid_kp`` elements (scale, zero pairs) per slot of such a head."""
-        return 2 * self.quant.row_groups(c) if self.quant else 0
+        return self.quant.row_params(c) if self.quant else 0
 
     def _v_rows(self) -> tuple[int, int]:
         """``mid_v`` and ``mid_vp`` elements per slot of a head that keeps channels."""
         D = self.head_dim
-        return (self.quant.row_bytes(D), 2 * self.quant.row_groups(D)) if self.quant else (D, 0)
+        return (self.quant.row_bytes(D), self.quant.row_params(D)) if self.quant else (D, 0)
 
     def _quant_rows(self, head_koff: torch.Tensor, head_kpoff: torch.Tensor) -> list[dict]:
         """The rows a token's quantised middle write is made of, one entry per kind (K rows by kept
@@ -365,6 +365,7 @@ class LeanKLayer(DynamicLayer):
             self.pads, self.seen, self.c0, sink=self.sink, recent=self.recent, slots=self.capacity + 1,
             head_counts=self.head_counts, mid_kp=self.mid_kp, mid_vp=self.mid_vp, head_kpoff=self.head_kpoff,
             quant_bits=quant.bits if quant else 0, quant_group=quant.group if quant else 0,
+            quant_symmetric=quant.symmetric if quant else False,
         )
 
     def _reserve(self, tokens: int) -> None:

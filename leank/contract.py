@@ -32,9 +32,10 @@ Prompt queries (prefill) see every prompt key in full: that is the method's pref
     ``head_voff[h] * slots * D + i * D``. Heads keeping nothing store no middle token.
   - **quantised** (``quant_bits`` 8 or 4, :mod:`leank.quant`; 0: not quantised): the same
     head-major layout with a row's values replaced by its codes and a second buffer of its
-    groups' ``(scale, zero)`` pairs (cache dtype). A K row of ``c`` values has
-    ``kb = ceil(c * bits / 8)`` code bytes and ``kp = 2 * ceil(c / group)`` params; a V row
-    ``vb = D * bits / 8`` and ``vp = 2 * ceil(D / group)``. ``mid_k`` (uint8) holds head ``h``'s
+    groups' ``(scale, zero)`` pairs (cache dtype; ``quant_symmetric``: scales only, ``p = 1``
+    param per group, else ``p = 2``). A K row of ``c`` values has ``kb = ceil(c * bits / 8)``
+    code bytes and ``kp = p * ceil(c / group)`` params; a V row ``vb = D * bits / 8`` and
+    ``vp = p * ceil(D / group)``. ``mid_k`` (uint8) holds head ``h``'s
     slot ``i`` at ``head_koff[h] * slots + i * kb`` (``head_koff``: the sum of ``kb`` over the
     heads before), ``mid_kp`` at ``head_kpoff[h] * slots + i * kp``; ``mid_v`` (uint8) at
     ``head_voff[h] * slots * vb + i * vb``, ``mid_vp`` at ``head_voff[h] * slots * vp + i * vp``.
@@ -99,6 +100,7 @@ class DecodeView:
     head_kpoff: torch.Tensor | None = None  # int32 [H]
     quant_bits: int = 0
     quant_group: int = 0
+    quant_symmetric: bool = False
 
     def tensors(self) -> tuple[torch.Tensor, ...]:
         """The tensor fields, in declaration order (the decode op's arguments)."""
@@ -109,4 +111,4 @@ class DecodeView:
         """The :class:`~leank.quant.KVQuant` of the middle store, or None."""
         from .quant import KVQuant
 
-        return KVQuant(self.quant_bits, self.quant_group) if self.quant_bits else None
+        return KVQuant(self.quant_bits, self.quant_group, self.quant_symmetric) if self.quant_bits else None

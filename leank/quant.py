@@ -1,7 +1,7 @@
 """KV quantisation of the middle store: the format and its torch quantiser/dequantiser.
 
     quant = KVQuant(bits=4, group=32)
-    codes, params = quantize(x, quant)            # x [..., n] -> uint8 [..., row_bytes(n)], [..., 2 * row_groups(n)]
+    codes, params = quantize(x, quant)            # x [..., n] -> uint8 [..., row_bytes(n)], [..., row_params(n)]
     x_hat = dequantize(codes, params, n, quant)   # fp32 [..., n]
 
 **The format** (one row = one token's kept K channels of one KV head, or its V): the row's
@@ -16,6 +16,12 @@ in the high one (an odd row ends with a half-used byte).
 
 Bound: in fp32, ``|x - x̂| <= scale / 2`` up to fp32 rounding; in fp16/bf16 also the
 rounding of ``scale`` and ``zero`` to the dtype (``|min - zero| + (2^bits - 1) |Δscale|``).
+
+``symmetric=True`` (labels ``int8s``, ``int4s``, ``int4g64s``): no zero point, half the
+params — a group stores only ``scale = max|x| / (2^(bits-1) - 1)`` and each value the code
+``clamp(floor(x / scale + 1/2) + 2^(bits-1), 0, 2^bits - 1)``; ``x̂ = (code - 2^(bits-1)) · scale``
+(one code, 0, unused). Same bound, with ``scale`` from the larger magnitude; it pays where rows
+are short (a K row of 16 kept channels carries a whole group's params).
 
 Why this grouping (see docs/LOG.md, issue 14): tokens enter the middle store one per
 decode step, so per-token groups along channels quantise each token on its own as it
@@ -44,6 +50,7 @@ class KVQuant:
 
     bits: int = 8
     group: int = 32
+    symmetric: bool = False
 
     def __post_init__(self) -> None:
         if type(self.bits) is not int or self.bits not in BITS:
@@ -51,63 +58,90 @@ class KVQuant:
         if type(self.group) is not int or self.group not in GROUPS:
             raise LeanKError(f"KVQuant group must be one of {', '.join(map(str, GROUPS))}, got {self.group!r}")
 
+        if type(self.symmetric) is not bool:
+            raise LeanKError(f"KVQuant symmetric must be True or False, got {self.symmetric!r}")
+
     @property
     def levels(self) -> int:
         return (1 << self.bits) - 1
 
     @property
+    def mid(self) -> int:
+        """The code of 0 in the symmetric format."""
+        return 1 << (self.bits - 1)
+
+    @property
+    def params_per_group(self) -> int:
+        """Scale and zero (2), or only the scale when symmetric (1)."""
+        return 1 if self.symmetric else 2
+
+    @property
     def label(self) -> str:
-        """``int8``, ``int4`` (``int4g64`` for a group other than 32)."""
-        return f"int{self.bits}" + ("" if self.group == 32 else f"g{self.group}")
+        """``int8``, ``int4`` (``int4g64`` for a group other than 32; ``s`` at the end: symmetric)."""
+        return f"int{self.bits}" + ("" if self.group == 32 else f"g{self.group}") + ("s" if self.symmetric else "")
 
     def row_bytes(self, n: int) -> int:
         """Code bytes of a row of ``n`` values."""
         return (n * self.bits + 7) // 8
 
     def row_groups(self, n: int) -> int:
-        """Scale/zero pairs of a row of ``n`` values."""
+        """Groups of a row of ``n`` values."""
         return -(-n // self.group)
+
+    def row_params(self, n: int) -> int:
+        """Params (scales and zeros) of a row of ``n`` values."""
+        return self.params_per_group * self.row_groups(n)
 
 
 def parse_quant(text: str) -> KVQuant:
-    """``int8``, ``int4``, ``int4g64`` → :class:`KVQuant`."""
-    body, sep, group = text.partition("g")
+    """``int8``, ``int4``, ``int4g64``, ``int4s``, ``int4g64s`` → :class:`KVQuant`."""
+    symmetric = text.endswith("s")
+    body, sep, group = (text[:-1] if symmetric else text).partition("g")
     if not body.startswith("int") or not body[3:].isdigit() or (sep and not group.isdigit()):
-        raise LeanKError(f"unknown KV quantisation {text!r}: use int8, int4 or e.g. int4g64")
-    return KVQuant(bits=int(body[3:]), group=int(group) if group else 32)
+        raise LeanKError(f"unknown KV quantisation {text!r}: use int8, int4, e.g. int4g64, and an s for symmetric")
+    return KVQuant(bits=int(body[3:]), group=int(group) if group else 32, symmetric=symmetric)
 
 
 def quantize(x: torch.Tensor, quant: KVQuant) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows ``x`` ``[..., n]`` → codes uint8 ``[..., row_bytes(n)]`` and params ``[..., 2 * row_groups(n)]``
-    (``scale, zero`` per group, in ``x``'s dtype); see the module docstring."""
+    """Rows ``x`` ``[..., n]`` → codes uint8 ``[..., row_bytes(n)]`` and params ``[..., row_params(n)]``
+    (``scale, zero`` per group, or ``scale`` when symmetric, in ``x``'s dtype); see the module docstring."""
     n, g = x.shape[-1], quant.group
     groups = quant.row_groups(n)
     pad = groups * g - n
     xf = x.float()
-    lo = F.pad(xf, (0, pad), value=float("inf")).unflatten(-1, (groups, g)).amin(-1)
-    hi = F.pad(xf, (0, pad), value=float("-inf")).unflatten(-1, (groups, g)).amax(-1)
     # A tensor divisor: torch on CUDA divides by a Python scalar as a multiply by its reciprocal
     # (not IEEE), and the store kernel's scales must equal these bit for bit. (Under torch.compile
     # inductor may fold this constant divisor into a reciprocal too: the compiled CUDA path stores
     # with the Triton kernel, so only backend="torch" + compile would differ, by an ulp.)
-    scale = ((hi - lo) / torch.full_like(hi, quant.levels)).to(x.dtype)
-    zero = lo.to(x.dtype)
+    if quant.symmetric:
+        amax = F.pad(xf.abs(), (0, pad)).unflatten(-1, (groups, g)).amax(-1)
+        scale = (amax / torch.full_like(amax, quant.mid - 1)).to(x.dtype)
+        zero = None
+        z, offset = 0.0, quant.mid
+    else:
+        lo = F.pad(xf, (0, pad), value=float("inf")).unflatten(-1, (groups, g)).amin(-1)
+        hi = F.pad(xf, (0, pad), value=float("-inf")).unflatten(-1, (groups, g)).amax(-1)
+        scale = ((hi - lo) / torch.full_like(hi, quant.levels)).to(x.dtype)
+        zero = lo.to(x.dtype)
+        z, offset = zero.float().repeat_interleave(g, -1)[..., :n], 0
     s = scale.float().repeat_interleave(g, -1)[..., :n]
-    z = zero.float().repeat_interleave(g, -1)[..., :n]
-    codes = torch.floor((xf - z) / torch.where(s > 0, s, 1.0) + 0.5).clamp_(0, quant.levels).to(torch.uint8)
+    codes = (torch.floor((xf - z) / torch.where(s > 0, s, 1.0) + 0.5) + offset).clamp_(0, quant.levels)
+    codes = codes.to(torch.uint8)
     if quant.bits == 4:
         codes = F.pad(codes, (0, n % 2))
         codes = codes[..., 0::2] | (codes[..., 1::2] << 4)
-    return codes, torch.stack([scale, zero], -1).flatten(-2)
+    return codes, scale if zero is None else torch.stack([scale, zero], -1).flatten(-2)
 
 
 def dequantize(codes: torch.Tensor, params: torch.Tensor, n: int, quant: KVQuant,
                dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Codes ``[..., row_bytes(n)]`` and params ``[..., 2 * row_groups(n)]`` → values ``[..., n]`` in ``dtype``."""
+    """Codes ``[..., row_bytes(n)]`` and params ``[..., row_params(n)]`` → values ``[..., n]`` in ``dtype``."""
     if quant.bits == 4:
         codes = torch.stack([codes & 15, codes >> 4], -1).flatten(-2)
     codes = codes[..., :n].to(dtype)
-    p = params.to(dtype).unflatten(-1, (-1, 2))
+    p = params.to(dtype).unflatten(-1, (-1, quant.params_per_group))
     scale = p[..., 0].repeat_interleave(quant.group, -1)[..., :n]
+    if quant.symmetric:
+        return (codes - quant.mid) * scale
     zero = p[..., 1].repeat_interleave(quant.group, -1)[..., :n]
     return zero + codes * scale

@@ -24,6 +24,7 @@ from triton.compiler import ASTSource
 from triton.runtime.jit import native_specialize_impl
 
 import leank.kernels.triton_decode as td
+import leank.kernels.triton_store as ts
 from leank.quant import KVQuant
 from tests.test_kernel import History, random_kept
 
@@ -62,22 +63,29 @@ def _compile_instead_of_launch(jit, ptx: dict):
 
 
 def main(cases: list[str]) -> int:
-    """Cases ``BITS:DTYPE[:LAYER]`` (BITS 0 = no quantisation, groups of 32; LAYER from ``LAYERS``)."""
+    """Cases ``BITS[s]:DTYPE[:LAYER]`` (BITS 0 = no quantisation, groups of 32, ``s``: symmetric;
+    LAYER from ``LAYERS``). The store kernel is compiled too (one decode step's cache update)."""
     td.check_query = lambda query: None  # CPU tensors: only their dtypes, strides and alignment matter here
     failed = 0
     for case in cases:
         bits, dtype, layer = (case.split(":") + ["llama"])[:3]
         D, counts, prompt, max_length = LAYERS[layer]
-        dtype, quant = getattr(torch, dtype), KVQuant(int(bits), 32) if int(bits) else None
+        symmetric = bits.endswith("s")
+        bits = int(bits.removesuffix("s"))
+        dtype, quant = getattr(torch, dtype), KVQuant(bits, 32, symmetric) if bits else None
         ptx = {}
         td._leank_decode_kernel.run = _compile_instead_of_launch(td._leank_decode_kernel, ptx)
         td._merge_kernel.run = _compile_instead_of_launch(td._merge_kernel, ptx)
+        ts._store_step_kernel.run = _compile_instead_of_launch(ts._store_step_kernel, ptx)
         gen = torch.Generator().manual_seed(0)
         hist = History(B=1, H=4, D=D, kept=random_kept(4, D, counts, gen), dtype=dtype, gen=gen, quant=quant,
-                       backend="torch", sink=2, recent=16, pads=[0], prompt=prompt, max_length=max_length)
-        hist.step()
+                       backend="triton", sink=2, recent=16, pads=[0], prompt=prompt, max_length=max_length)
         try:
+            hist.step()  # the store kernel, compiled instead of run (the stores keep the prompt's values)
             td.decode_attention_triton(hist._rand(1, 16, 1, D), hist.layer.view, D**-0.5)
+            missing = {"_store_step_kernel", "_leank_decode_kernel", "_merge_kernel"} - set(ptx)
+            if missing:
+                raise RuntimeError(f"not compiled: {sorted(missing)}")
             loads = collections.Counter(re.findall(r"ld\.global\.([\w.]+)", ptx["_leank_decode_kernel"]))
             print(f"{case}: compiled; decode kernel global loads by width: {dict(loads.most_common())}")
         except Exception as e:  # noqa: BLE001 - report the innermost compiler message

@@ -190,7 +190,8 @@ def stores(layer: LeanKLayer) -> dict[str, torch.Tensor]:
 
 # bf16 on a GPU only: the interpreter truncates fp32 -> bf16 casts whatever the rounding mode asked
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16] + ([torch.bfloat16] if CUDA else []), ids=str)
-@pytest.mark.parametrize("quant", [None, KVQuant(8), KVQuant(4, 16)], ids=["plain", "int8", "int4g16"])
+@pytest.mark.parametrize("quant", [None, KVQuant(8), KVQuant(4, 16), KVQuant(4, 16, symmetric=True)],
+                         ids=["plain", "int8", "int4g16", "int4g16s"])
 @pytest.mark.parametrize("D, counts, sink, pads, prompt, max_length", [
     (64, [0, 16, 7, 64], 3, [0, 9], 12, 42),  # a padded row's sink fills while decoding; the last slot used
     (128, [32, 0, 128], 4, [2, 0, 5], 3, None),  # prompt shorter than sink + ring; growing stores
@@ -355,7 +356,7 @@ def test_generate_through_the_triton_kernels_equals_the_torch_path(arch):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("quant", [KVQuant(8), KVQuant(4), KVQuant(4, 16)], ids=str)
+@pytest.mark.parametrize("quant", [KVQuant(8), KVQuant(4), KVQuant(4, 16), KVQuant(4, 32, symmetric=True)], ids=str)
 @pytest.mark.parametrize("case", [
     # odd and unaligned counts (int4: a half-used byte), a full head, an empty one, many splits
     dict(B=2, H=5, G=3, D=64, counts=[0, 5, 16, 23, 64], sink=4, recent=8, pads=[0, 37], prompt=150, programs=512,
@@ -411,7 +412,8 @@ def check_quantised(case: dict, quant: KVQuant, dtype: torch.dtype) -> None:
 @pytest.mark.skipif(CUDA, reason="the GPU tests compile and run the kernels themselves")
 def test_kernel_compiles_for_sm90():
     """The interpreter accepts what the GPU compiler may refuse: compile the decode and merge
-    kernels for sm_90 (no GPU needed) with a quantised middle in fp16/bf16, a plain bf16 one, a
+    kernels and the store kernel for sm_90 (no GPU needed) with a quantised middle (asymmetric and
+    symmetric) in fp16/bf16, a plain bf16 one, a
     layer with no middle store (its stride of 1 becomes a constant), one middle byte, and head_dim
     96 with odd counts; with counts that are multiples of 16 the quantised codes load as vectors
     (no byte loads: the alignment hints hold)."""
@@ -423,10 +425,11 @@ def test_kernel_compiles_for_sm90():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = "1"
     root = Path(__file__).resolve().parents[1]
-    cases = ["8:float16", "4:bfloat16", "0:bfloat16", "8:bfloat16:empty", "4:float16:tiny", "4:bfloat16:odd"]
+    cases = ["8:float16", "4:bfloat16", "4s:bfloat16", "0:bfloat16", "8:bfloat16:empty", "4:float16:tiny",
+             "4s:bfloat16:odd"]
     proc = subprocess.run([sys.executable, "-m", "tests.sm90_compile", *cases], cwd=root, env=env,
                           capture_output=True, text=True, timeout=600)
     lines = {line.split(": ")[0]: line for line in proc.stdout.splitlines() if ": compiled" in line}
     assert proc.returncode == 0 and set(lines) == set(cases), proc.stdout[-3000:] + proc.stderr[-3000:]
-    for case in ("8:float16", "4:bfloat16"):
+    for case in ("8:float16", "4:bfloat16", "4s:bfloat16"):
         assert "'b8'" not in lines[case], lines[case]

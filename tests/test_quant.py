@@ -56,6 +56,36 @@ def test_round_trip_within_the_bound(bits, group, n, dtype):
     assert torch.equal(x_hat[0, 0], xd[0, 0])  # a constant row comes back exactly
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("bits, group, n", [(8, 32, 64), (4, 32, 64), (4, 16, 23), (4, 64, 96), (4, 32, 1)])
+def test_symmetric_round_trip_within_the_bound(bits, group, n, dtype):
+    gen = torch.Generator().manual_seed(torch.seed() % 2**31)
+    quant = KVQuant(bits=bits, group=group, symmetric=True)
+    x = (torch.randn(6, 5, n, generator=gen) * torch.rand(6, 5, 1, generator=gen) * 4
+         + torch.randn(6, 5, 1, generator=gen))
+    x[0, 0] = 0.0  # an all-zero row: scale 0, codes 2^(bits-1)
+    x = x.to(dtype)
+    codes, params = quantize(x, quant)
+    groups = -(-n // group)
+    assert codes.shape == (6, 5, quant.row_bytes(n)) and params.shape == (6, 5, groups) and params.dtype == dtype
+    value_codes = unpack(codes, n, bits)
+    assert value_codes.min() >= 0 and value_codes.max() <= 2**bits - 1
+    xd = x.double()
+    group_of = torch.arange(n) // group
+    mid = 2 ** (bits - 1)
+    scale = params.double()[..., group_of]
+    amax = torch.stack([xd[..., group_of == j].abs().amax(-1) for j in range(groups)], -1)[..., group_of]
+    true_scale = amax / (mid - 1)
+    bound = true_scale / 2 + mid * (scale - true_scale).abs() + 1e-6 * (1 + xd.abs())
+    x_hat = dequantize(codes, params, n, quant, torch.float64)
+    assert torch.equal(x_hat, (value_codes.double() - mid) * scale)  # the documented formula
+    err = (x_hat - xd).abs()
+    assert (err <= bound).all(), (err - bound).max()
+    if n > 1:
+        assert (err > 0.3 * true_scale).any()
+    assert torch.equal(x_hat[0, 0], xd[0, 0]) and (value_codes[0, 0] == mid).all()
+
+
 def test_bad_configs_and_names():
     for bad in (dict(bits=3), dict(bits=True), dict(group=12), dict(group=256), dict(bits=8.0)):
         with pytest.raises(LeanKError, match="KVQuant"):
@@ -63,6 +93,10 @@ def test_bad_configs_and_names():
     assert parse_quant("int8") == KVQuant(8, 32)
     assert parse_quant("int4g64") == KVQuant(4, 64)
     assert KVQuant(4, 64).label == "int4g64" and KVQuant(8).label == "int8"
-    for bad in ("int3", "fp8", "int4g", "int4gx", "int"):
+    assert parse_quant("int4s") == KVQuant(4, 32, symmetric=True) and KVQuant(4, 64, True).label == "int4g64s"
+    assert parse_quant(KVQuant(8, 16, True).label) == KVQuant(8, 16, True)
+    with pytest.raises(LeanKError, match="symmetric"):
+        KVQuant(4, 32, symmetric=1)
+    for bad in ("int3", "fp8", "int4g", "int4gx", "int", "int4ss", "s"):
         with pytest.raises(LeanKError):
             parse_quant(bad)

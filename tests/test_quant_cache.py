@@ -27,6 +27,7 @@ def stored_middle(layer, T: int) -> tuple[torch.Tensor, ...]:
     layer's quantised middle store, by the documented layout."""
     view = layer.view
     bits, group, slots = view.quant_bits, view.quant_group, view.slots
+    ppg = 1 if view.quant_symmetric else 2  # params per group: scale (symmetric), or scale and zero
     B, H, _, D = view.ring_k.shape
     c0, M = int(view.c0), layer.middle_length()
     counts = [int(c) for c in layer.kept.sum(-1)]
@@ -34,8 +35,10 @@ def stored_middle(layer, T: int) -> tuple[torch.Tensor, ...]:
     def rows(codes, params, off, poff, n):
         nb, ng = -(-n * bits // 8), -(-n // group)
         x = unpack(codes[:, off * slots : off * slots + M * nb].reshape(B, M, nb).cpu(), n, bits).double()
-        p = params[:, poff * slots : poff * slots + M * 2 * ng].reshape(B, M, ng, 2).cpu().double()
+        p = params[:, poff * slots : poff * slots + M * ppg * ng].reshape(B, M, ng, ppg).cpu().double()
         g = torch.arange(n) // group
+        if ppg == 1:  # x̂ = (code - 2^(bits-1)) · scale
+            return (x - 2 ** (bits - 1)) * p[..., 0][..., g], p[..., 0][..., g]
         return p[..., 1][..., g] + x * p[..., 0][..., g], p[..., 0][..., g]
 
     K, V, k_step, v_step = (torch.zeros(B, H, T, D, dtype=torch.float64) for _ in range(4))
@@ -45,10 +48,10 @@ def stored_middle(layer, T: int) -> tuple[torch.Tensor, ...]:
             continue
         chan = layer.kept[h].nonzero().flatten().cpu()
         k, ks = rows(view.mid_k, view.mid_kp, koff, kpoff, c)
-        v, vs = rows(view.mid_v, view.mid_vp, voff * -(-D * bits // 8), voff * 2 * -(-D // group), D)
+        v, vs = rows(view.mid_v, view.mid_vp, voff * -(-D * bits // 8), voff * ppg * -(-D // group), D)
         K[:, h, c0 : c0 + M][..., chan], k_step[:, h, c0 : c0 + M][..., chan] = k, ks
         V[:, h, c0 : c0 + M], v_step[:, h, c0 : c0 + M] = v, vs
-        koff, kpoff, voff = koff + -(-c * bits // 8), kpoff + 2 * -(-c // group), voff + 1
+        koff, kpoff, voff = koff + -(-c * bits // 8), kpoff + ppg * -(-c // group), voff + 1
     known = torch.zeros(B, H, T, dtype=torch.bool)
     known[:, :, c0 : c0 + M] = torch.tensor([c > 0 for c in counts])[None, :, None]  # empty heads store nothing
     known &= (torch.arange(T)[None] >= (view.pads.cpu() + view.sink)[:, None])[:, None]  # a row's sink is not there
@@ -72,7 +75,8 @@ def generate_and_compare(model, mask, ids, am, *, quant, sink, recent, new_token
     return cache, out, ref
 
 
-@pytest.mark.parametrize("quant", [leank.KVQuant(8), leank.KVQuant(4), leank.KVQuant(4, 8)], ids=str)
+@pytest.mark.parametrize("quant", [leank.KVQuant(8), leank.KVQuant(4), leank.KVQuant(4, 8),
+                                   leank.KVQuant(4, 16, symmetric=True)], ids=str)
 @pytest.mark.parametrize("static", [False, True])
 def test_quantised_decode_matches_reference(quant, static):
     """Heads keeping 0, 5 (odd: a half byte), 16, 23 and 64 of 64 channels, left-padded rows,
@@ -165,15 +169,16 @@ def test_bytes_count_codes_scales_and_zero_points():
     mask = mask_with_counts(1, 3, 64, counts, gen)
     leank.enable(model)
     sink, recent, prompt, new = 4, 8, 60, 10
-    for quant in (leank.KVQuant(8), leank.KVQuant(4, 16)):
+    for quant in (leank.KVQuant(8), leank.KVQuant(4, 16), leank.KVQuant(4, 16, symmetric=True)):
         cache = leank.LeanKCache(model, mask, sink=sink, recent=recent, max_length=prompt + new, quant=quant)
         ids = torch.randint(3, 97, (2, prompt), generator=gen)
         model.generate(input_ids=ids, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0,
                        **leank.cache_kwargs(cache))
         seen = prompt + new - 1
         bits, g = quant.bits, quant.group
-        middle_token = sum(-(-c * bits // 8) + 2 * 4 * -(-c // g) + 64 * bits // 8 + 2 * 4 * -(-64 // g)
-                           for c in counts if c)  # fp32 scales and zero points
+        ppg = 1 if quant.symmetric else 2  # fp32 scales, and zero points unless symmetric
+        middle_token = sum(-(-c * bits // 8) + ppg * 4 * -(-c // g) + 64 * bits // 8 + ppg * 4 * -(-64 // g)
+                           for c in counts if c)
         full_token = 2 * 3 * 64 * 4
         ideal = 2 * ((sink + recent) * full_token + (seen - sink - recent) * middle_token)
         assert cache.ideal_nbytes() == ideal

@@ -42,16 +42,17 @@ def _triton(module: str = "triton_decode"):
         raise LeanKError(f"the triton LeanK kernel needs the package triton ({e}): pip install triton") from None
 
 
-def _view(args: tuple, sink: int, recent: int, slots: int, head_counts, quant: tuple = (None, None, None, 0, 0)
-          ) -> DecodeView:
-    mid_kp, mid_vp, head_kpoff, bits, group = quant
+def _view(args: tuple, sink: int, recent: int, slots: int, head_counts,
+          quant: tuple = (None, None, None, 0, 0, False)) -> DecodeView:
+    mid_kp, mid_vp, head_kpoff, bits, group, symmetric = quant
     return DecodeView(*args, sink=sink, recent=recent, slots=slots, head_counts=tuple(head_counts), mid_kp=mid_kp,
-                      mid_vp=mid_vp, head_kpoff=head_kpoff, quant_bits=bits, quant_group=group)
+                      mid_vp=mid_vp, head_kpoff=head_kpoff, quant_bits=bits, quant_group=group,
+                      quant_symmetric=symmetric)
 
 
 def _quant_args(view: DecodeView) -> tuple:
     """The quantised store's part of the ops' arguments (None / 0 when not quantised)."""
-    return view.mid_kp, view.mid_vp, view.head_kpoff, view.quant_bits, view.quant_group
+    return view.mid_kp, view.mid_vp, view.head_kpoff, view.quant_bits, view.quant_group, view.quant_symmetric
 
 
 @torch.library.custom_op("leank::decode_attention", mutates_args=())
@@ -61,17 +62,18 @@ def _decode_op(
     head_chan: torch.Tensor, pads: torch.Tensor, seen: torch.Tensor, c0: torch.Tensor, sinks: torch.Tensor | None,
     scaling: float, softcap: float, sink: int, recent: int, slots: int, head_counts: list[int],
     mid_kp: torch.Tensor | None, mid_vp: torch.Tensor | None, head_kpoff: torch.Tensor | None, quant_bits: int,
-    quant_group: int,
+    quant_group: int, quant_symmetric: bool,
 ) -> torch.Tensor:
     view = _view((sink_k, sink_v, ring_k, ring_v, mid_k, mid_v, head_c, head_koff, head_voff, head_chan, pads, seen,
-                  c0), sink, recent, slots, head_counts, (mid_kp, mid_vp, head_kpoff, quant_bits, quant_group))
+                  c0), sink, recent, slots, head_counts,
+                 (mid_kp, mid_vp, head_kpoff, quant_bits, quant_group, quant_symmetric))
     return decode_attention_torch(query, view, scaling, softcap=softcap or None, sinks=sinks)
 
 
 @_decode_op.register_kernel("cuda")
 def _decode_op_cuda(query, *args):
-    *tensors, sinks, scaling, softcap, sink, recent, slots, head_counts = args[:-5]
-    view = _view(tuple(tensors), sink, recent, slots, head_counts, args[-5:])
+    *tensors, sinks, scaling, softcap, sink, recent, slots, head_counts = args[:-6]
+    view = _view(tuple(tensors), sink, recent, slots, head_counts, args[-6:])
     return _triton().decode_attention_triton(query, view, scaling, softcap=softcap or None, sinks=sinks)
 
 
@@ -90,9 +92,11 @@ def _store_op(
     head_voff: torch.Tensor, head_chan: torch.Tensor, pads: torch.Tensor, seen: torch.Tensor, c0: torch.Tensor,
     sink: int, recent: int, slots: int, head_counts: list[int], sink_write: bool, mid_kp: torch.Tensor | None,
     mid_vp: torch.Tensor | None, head_kpoff: torch.Tensor | None, quant_bits: int, quant_group: int,
+    quant_symmetric: bool,
 ) -> None:
     view = _view((sink_k, sink_v, ring_k, ring_v, mid_k, mid_v, head_c, head_koff, head_voff, head_chan, pads, seen,
-                  c0), sink, recent, slots, head_counts, (mid_kp, mid_vp, head_kpoff, quant_bits, quant_group))
+                  c0), sink, recent, slots, head_counts,
+                 (mid_kp, mid_vp, head_kpoff, quant_bits, quant_group, quant_symmetric))
     _triton("triton_store").store_step_triton(key, value, view, sink_write=sink_write)
 
 

@@ -19,7 +19,7 @@ def middle_keys(view: DecodeView, h: int, length: int) -> tuple[torch.Tensor, to
     c, D, slots = view.head_counts[h], view.ring_k.shape[-1], view.slots
     quant = view.quant()
     if quant is not None:
-        kb, kp, vb, vp = quant.row_bytes(c), 2 * quant.row_groups(c), quant.row_bytes(D), 2 * quant.row_groups(D)
+        kb, kp, vb, vp = quant.row_bytes(c), quant.row_params(c), quant.row_bytes(D), quant.row_params(D)
         koff, kpoff, voff = int(view.head_koff[h]) * slots, int(view.head_kpoff[h]) * slots, int(view.head_voff[h])
         k = dequantize(view.mid_k[:, koff : koff + length * kb].view(-1, length, kb),
                        view.mid_kp[:, kpoff : kpoff + length * kp].view(-1, length, kp), c, quant)

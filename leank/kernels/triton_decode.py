@@ -66,22 +66,28 @@ def _tanh(x):
 
 
 @triton.jit
-def _dequant(codes, params, rows, valid, cols, n, row_bytes, row_params, QBITS: tl.constexpr, GROUP: tl.constexpr):
+def _dequant(codes, params, rows, valid, cols, n, row_bytes, row_params, QBITS: tl.constexpr, GROUP: tl.constexpr,
+             SYM: tl.constexpr):
     """fp32 values ``[len(rows), len(cols)]`` (``cols`` = ``arange(0, NCOL)``) of quantised rows:
     ``row_bytes`` code bytes and ``row_params`` scale/zero entries per row, ``n`` values. Rows not
     ``valid`` and groups past the row come out 0; columns from ``n`` on inside the row's last group
     come out as its zero (harmless: the query is 0 at those K columns, and V lanes from D on are
     never written out). Vector loads only: a row's codes as one
     contiguous run of bytes (int4: ``NCOL / 2`` bytes split into nibbles, value ``2j`` low and
-    ``2j + 1`` high), its (scale, zero) pairs as one run, broadcast over their groups in registers."""
+    ``2j + 1`` high), its (scale, zero) pairs (``SYM``: scales) as one run, broadcast over their
+    groups in registers."""
     BLOCK: tl.constexpr = rows.shape[0]
     NCOL: tl.constexpr = cols.shape[0]
     GW: tl.constexpr = GROUP if GROUP < NCOL else NCOL  # values per scale within this tile
     NG: tl.constexpr = NCOL // GW
-    offs_p = tl.arange(0, 2 * NG)
+    PPG: tl.constexpr = 1 if SYM else 2  # params per group: (scale, zero), or the scale alone
+    offs_p = tl.arange(0, PPG * NG)
     pairs = tl.load(params + rows[:, None] * row_params + offs_p[None, :],
                     mask=valid[:, None] & (offs_p[None, :] < row_params), other=0.0).to(tl.float32)
-    scale, zero = tl.split(tl.reshape(pairs, (BLOCK, NG, 2)))
+    if SYM:
+        scale = pairs
+    else:
+        scale, zero = tl.split(tl.reshape(pairs, (BLOCK, NG, 2)))
     if QBITS == 8:
         code = tl.load(codes + rows[:, None] * row_bytes + cols[None, :], mask=valid[:, None] & (cols[None, :] < n),
                        other=0).to(tl.float32)
@@ -90,7 +96,10 @@ def _dequant(codes, params, rows, valid, cols, n, row_bytes, row_params, QBITS: 
         byte = tl.load(codes + rows[:, None] * row_bytes + offs_b[None, :],
                        mask=valid[:, None] & (offs_b[None, :] < row_bytes), other=0).to(tl.int32)
         code = tl.reshape(tl.join(byte & 15, byte >> 4), (BLOCK, NCOL)).to(tl.float32)
-    x = zero[:, :, None] + tl.reshape(code, (BLOCK, NG, GW)) * scale[:, :, None]
+    if SYM:  # x̂ = (code - 2^(bits-1)) · scale
+        x = (tl.reshape(code, (BLOCK, NG, GW)) - (1 << (QBITS - 1))) * scale[:, :, None]
+    else:
+        x = zero[:, :, None] + tl.reshape(code, (BLOCK, NG, GW)) * scale[:, :, None]
     return tl.reshape(x, (BLOCK, NCOL))
 
 
@@ -98,7 +107,7 @@ def _dequant(codes, params, rows, valid, cols, n, row_bytes, row_params, QBITS: 
 def _attend(acc, m_i, l_i, q, qk_scale, cap_scale, k_ptrs_base, v_ptrs_base, k_stride, lo, hi, offs_kc, k_cols,
             offs_d, D, WRAP, RINGED: tl.constexpr, HAS_CAP: tl.constexpr, BLOCK: tl.constexpr,
             UPCAST: tl.constexpr, PREC: tl.constexpr, kp_base=None, vp_base=None, kp_stride=0,
-            QBITS: tl.constexpr = 0, GROUP: tl.constexpr = 1):
+            QBITS: tl.constexpr = 0, GROUP: tl.constexpr = 1, SYM: tl.constexpr = False):
     """Online-softmax accumulation over tokens ``[lo, hi)``. ``q`` ``[GP, KC]`` is the raw
     query (exact in the cache dtype); scores are scaled in fp32 after the dot: by ``qk_scale``
     = ``scaling * log2(e)``, or with ``HAS_CAP`` to ``tanh(dot * cap_scale) * qk_scale``
@@ -119,9 +128,9 @@ def _attend(acc, m_i, l_i, q, qk_scale, cap_scale, k_ptrs_base, v_ptrs_base, k_s
         vmask = valid[:, None] & dmask[None, :]
         if QBITS > 0:
             VB: tl.constexpr = D * QBITS // 8
-            VP: tl.constexpr = 2 * ((D + GROUP - 1) // GROUP)
-            k = _dequant(k_ptrs_base, kp_base, rows, valid, offs_kc, k_cols, k_stride, kp_stride, QBITS, GROUP)
-            v = _dequant(v_ptrs_base, vp_base, rows, valid, offs_d, D, VB, VP, QBITS, GROUP)
+            VP: tl.constexpr = (1 if SYM else 2) * ((D + GROUP - 1) // GROUP)
+            k = _dequant(k_ptrs_base, kp_base, rows, valid, offs_kc, k_cols, k_stride, kp_stride, QBITS, GROUP, SYM)
+            v = _dequant(v_ptrs_base, vp_base, rows, valid, offs_d, D, VB, VP, QBITS, GROUP, SYM)
             if not UPCAST:
                 k = k.to(q.dtype)
                 v = v.to(q.dtype)
@@ -149,7 +158,8 @@ def _attend(acc, m_i, l_i, q, qk_scale, cap_scale, k_ptrs_base, v_ptrs_base, k_s
 @triton.jit
 def _middle(acc, m_i, l_i, q_rows, gmask, chan, c, k_base, v_base, lo, hi, qk_scale, cap_scale, offs_d, D,
             KC: tl.constexpr, HAS_CAP: tl.constexpr, BLOCK: tl.constexpr, UPCAST: tl.constexpr,
-            PREC: tl.constexpr, kp_base, vp_base, kb, QBITS: tl.constexpr, GROUP: tl.constexpr):
+            PREC: tl.constexpr, kp_base, vp_base, kb, QBITS: tl.constexpr, GROUP: tl.constexpr,
+            SYM: tl.constexpr):
     """Middle tokens of one head keeping ``c <= KC`` channels: the query gathered at the
     kept channels ``[GP, KC]``, K rows ``kb`` wide (``c`` values; quantised: ``ceil(c * QBITS / 8)`` code bytes)."""
     offs_kc = tl.arange(0, KC)
@@ -163,7 +173,7 @@ def _middle(acc, m_i, l_i, q_rows, gmask, chan, c, k_base, v_base, lo, hi, qk_sc
             q = q.to(tl.float32)
         acc, m_i, l_i = _attend(acc, m_i, l_i, q, qk_scale, cap_scale, k_base, v_base, kb, lo, hi,
                                 offs_kc, c, offs_d, D, 1, False, HAS_CAP, BLOCK, UPCAST, PREC, kp_base, vp_base,
-                                2 * ((c + GROUP - 1) // GROUP), QBITS, GROUP)
+                                (1 if SYM else 2) * ((c + GROUP - 1) // GROUP), QBITS, GROUP, SYM)
     else:
         acc, m_i, l_i = _attend(acc, m_i, l_i, q, qk_scale, cap_scale, k_base, v_base, kb, lo, hi, offs_kc, c, offs_d,
                                 D, 1, False, HAS_CAP, BLOCK, UPCAST, PREC)
@@ -182,7 +192,7 @@ def _leank_decode_kernel(
     SUMCD: tl.constexpr, MAXCD: tl.constexpr, MIN_BUDGET: tl.constexpr, PROGRAMS: tl.constexpr,
     G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, BLOCK: tl.constexpr,
     KALIGN: tl.constexpr, HAS_SINK: tl.constexpr, HAS_CAP: tl.constexpr, UPCAST: tl.constexpr,
-    PREC: tl.constexpr, QBITS: tl.constexpr, GROUP: tl.constexpr,
+    PREC: tl.constexpr, QBITS: tl.constexpr, GROUP: tl.constexpr, SYM: tl.constexpr,
 ):
     bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -244,7 +254,7 @@ def _leank_decode_kernel(
                 k_base = MK + row + koff
                 v_base = MV + b.to(tl.int64) * stride_mvb + voff * (D * QBITS // 8)
                 kp_base = MKP + b.to(tl.int64) * stride_mkpb + tl.load(HEAD_KPOFF + h).to(tl.int64) * SLOTS
-                vp_base = MVP + b.to(tl.int64) * stride_mvpb + voff * (2 * ((D + GROUP - 1) // GROUP))
+                vp_base = MVP + b.to(tl.int64) * stride_mvpb + voff * ((1 if SYM else 2) * ((D + GROUP - 1) // GROUP))
             else:
                 koff = tl.multiple_of(tl.load(HEAD_KOFF + h).to(tl.int64) * SLOTS, KALIGN)
                 k_base = MK + b.to(tl.int64) * stride_mkb + koff
@@ -257,19 +267,19 @@ def _leank_decode_kernel(
             if c <= 16:
                 acc, m_i, l_i = _middle(acc, m_i, l_i, q_rows, gmask, chan, c, k_base, v_base, lo, hi, qk_scale,
                                         cap_scale, offs_d, D, 16, HAS_CAP, BLOCK, UPCAST, PREC, kp_base,
-                                        vp_base, kb, QBITS, GROUP)
+                                        vp_base, kb, QBITS, GROUP, SYM)
             elif c <= 32:
                 acc, m_i, l_i = _middle(acc, m_i, l_i, q_rows, gmask, chan, c, k_base, v_base, lo, hi, qk_scale,
                                         cap_scale, offs_d, D, 32, HAS_CAP, BLOCK, UPCAST, PREC, kp_base,
-                                        vp_base, kb, QBITS, GROUP)
+                                        vp_base, kb, QBITS, GROUP, SYM)
             elif c <= 64:
                 acc, m_i, l_i = _middle(acc, m_i, l_i, q_rows, gmask, chan, c, k_base, v_base, lo, hi, qk_scale,
                                         cap_scale, offs_d, D, 64, HAS_CAP, BLOCK, UPCAST, PREC, kp_base,
-                                        vp_base, kb, QBITS, GROUP)
+                                        vp_base, kb, QBITS, GROUP, SYM)
             else:
                 acc, m_i, l_i = _middle(acc, m_i, l_i, q_rows, gmask, chan, c, k_base, v_base, lo, hi, qk_scale,
                                         cap_scale, offs_d, D, DP, HAS_CAP, BLOCK, UPCAST, PREC, kp_base,
-                                        vp_base, kb, QBITS, GROUP)
+                                        vp_base, kb, QBITS, GROUP, SYM)
 
     # Partial result of this program: o = acc / l and lse = m + log2(l) (-inf when empty).
     has = l_i > 0
@@ -414,7 +424,7 @@ def decode_attention_triton(
         G=G, GP=max(16, triton.next_power_of_2(G)), D=D, DP=DP, BLOCK=p.block, KALIGN=p.kalign,
         HAS_SINK=view.sink > 0, HAS_CAP=bool(softcap), UPCAST=INTERPRET or query.dtype == torch.float32,
         PREC="ieee" if query.dtype == torch.float32 else "tf32",
-        QBITS=view.quant_bits, GROUP=min(view.quant_group, DP) if view.quant_bits else 1,
+        QBITS=view.quant_bits, GROUP=min(view.quant_group, DP) if view.quant_bits else 1, SYM=view.quant_symmetric,
         num_warps=p.warps, num_stages=p.stages,
     )
     _merge_kernel[(B * Hq,)](ws_o, ws_l, sinks if sinks is not None else ws_l, out, out.stride(0), out.stride(1),

@@ -23,30 +23,44 @@ from ..contract import DecodeView
 
 
 @triton.jit
-def _quantize_row(x, valid, PARAM_TY: tl.constexpr, LEVELS: tl.constexpr, DP: tl.constexpr, GROUP: tl.constexpr):
+def _quantize_row(x, valid, PARAM_TY: tl.constexpr, LEVELS: tl.constexpr, DP: tl.constexpr, GROUP: tl.constexpr,
+                  SYM: tl.constexpr):
     """A row ``x`` fp32 ``[DP]`` (``valid`` lanes) → codes int32 ``[DP]`` (0 on invalid lanes) and
-    its groups' scale and zero ``[DP // GROUP]`` as stored (rounded to ``PARAM_TY``)."""
+    its groups' scale and zero ``[DP // GROUP]`` as stored (rounded to ``PARAM_TY``; ``SYM``: the
+    symmetric format, zero unused)."""
     xg = tl.reshape(x, (DP // GROUP, GROUP))
     vg = tl.reshape(valid, (DP // GROUP, GROUP))
-    lo = tl.min(tl.where(vg, xg, float("inf")), 1)
-    hi = tl.max(tl.where(vg, xg, float("-inf")), 1)
     used = tl.max(vg.to(tl.int32), 1) > 0
     # IEEE divisions (div_rn; Triton's "/" is approximate on a GPU) and round-to-nearest casts, as torch
     # computes them: the stored scales and codes are the torch path's, bit for bit.
-    scale = tl.where(used, tl.div_rn(hi - lo, LEVELS + 0.0), 0.0).to(PARAM_TY, fp_downcast_rounding="rtne")
-    zero = tl.where(used, lo, 0.0).to(PARAM_TY, fp_downcast_rounding="rtne")
+    if SYM:
+        MID: tl.constexpr = (LEVELS + 1) // 2
+        amax = tl.max(tl.where(vg, tl.abs(xg), 0.0), 1)
+        scale = tl.where(used, tl.div_rn(amax, MID - 1.0), 0.0).to(PARAM_TY, fp_downcast_rounding="rtne")
+        zero = scale
+        base = xg
+        offset = MID + 0.0
+    else:
+        lo = tl.min(tl.where(vg, xg, float("inf")), 1)
+        hi = tl.max(tl.where(vg, xg, float("-inf")), 1)
+        scale = tl.where(used, tl.div_rn(hi - lo, LEVELS + 0.0), 0.0).to(PARAM_TY, fp_downcast_rounding="rtne")
+        zero = tl.where(used, lo, 0.0).to(PARAM_TY, fp_downcast_rounding="rtne")
+        base = xg - zero.to(tl.float32)[:, None]
+        offset = 0.0
     s = scale.to(tl.float32)
     d = tl.where(s > 0, s, 1.0)[:, None]
-    q = tl.floor(tl.div_rn(xg - zero.to(tl.float32)[:, None], tl.broadcast_to(d, xg.shape)) + 0.5)
+    q = tl.floor(tl.div_rn(base, tl.broadcast_to(d, xg.shape)) + 0.5) + offset
     q = tl.minimum(tl.maximum(q, 0.0), LEVELS).to(tl.int32)
     codes = tl.where(valid, tl.reshape(q, (DP,)), 0)
     return codes, scale, zero
 
 
 @triton.jit
-def _store_row(CODES, PARAMS, x, valid, n, QBITS: tl.constexpr, DP: tl.constexpr, GROUP: tl.constexpr):
-    """Quantise a row of ``n`` values and store its codes at ``CODES`` and (scale, zero) pairs at ``PARAMS``."""
-    codes, scale, zero = _quantize_row(x, valid, PARAMS.dtype.element_ty, (1 << QBITS) - 1, DP, GROUP)
+def _store_row(CODES, PARAMS, x, valid, n, QBITS: tl.constexpr, DP: tl.constexpr, GROUP: tl.constexpr,
+               SYM: tl.constexpr):
+    """Quantise a row of ``n`` values and store its codes at ``CODES`` and (scale, zero) pairs (``SYM``:
+    scales) at ``PARAMS``."""
+    codes, scale, zero = _quantize_row(x, valid, PARAMS.dtype.element_ty, (1 << QBITS) - 1, DP, GROUP, SYM)
     if QBITS == 8:
         offs = tl.arange(0, DP)
         tl.store(CODES + offs, codes.to(tl.uint8), mask=offs < n)
@@ -56,8 +70,11 @@ def _store_row(CODES, PARAMS, x, valid, n, QBITS: tl.constexpr, DP: tl.constexpr
         tl.store(CODES + offs, (low | (high << 4)).to(tl.uint8), mask=offs < (n + 1) // 2)
     offs_g = tl.arange(0, DP // GROUP)
     gmask = offs_g < (n + GROUP - 1) // GROUP
-    tl.store(PARAMS + 2 * offs_g, scale, mask=gmask)
-    tl.store(PARAMS + 2 * offs_g + 1, zero, mask=gmask)
+    if SYM:
+        tl.store(PARAMS + offs_g, scale, mask=gmask)
+    else:
+        tl.store(PARAMS + 2 * offs_g, scale, mask=gmask)
+        tl.store(PARAMS + 2 * offs_g + 1, zero, mask=gmask)
 
 
 @triton.jit(do_not_specialize=["S", "RING", "SLOTS"])
@@ -69,7 +86,7 @@ def _store_step_kernel(
     HEAD_C, HEAD_KOFF, HEAD_VOFF, HEAD_CHAN, PADS, SEEN, C0, H,
     MKP, MVP, stride_mkpb, stride_mvpb, HEAD_KPOFF,
     D: tl.constexpr, DP: tl.constexpr, SINK_WRITE: tl.constexpr, MIDDLE: tl.constexpr,
-    QBITS: tl.constexpr, GROUP: tl.constexpr,
+    QBITS: tl.constexpr, GROUP: tl.constexpr, SYM: tl.constexpr,
 ):
     bh = tl.program_id(0)
     b = (bh // H).to(tl.int64)
@@ -98,16 +115,17 @@ def _store_step_kernel(
         if (c > 0) & (pos >= 0) & (i >= 0) & (i < SLOTS - 1):
             if QBITS > 0:  # codes and (scale, zero) pairs: leank.contract's quantised layout
                 kb = (c * QBITS + 7) // 8
-                kp = 2 * ((c + GROUP - 1) // GROUP)
+                PPG: tl.constexpr = 1 if SYM else 2  # params per group
+                kp = PPG * ((c + GROUP - 1) // GROUP)
                 VB: tl.constexpr = D * QBITS // 8
-                VP: tl.constexpr = 2 * ((D + GROUP - 1) // GROUP)
+                VP: tl.constexpr = PPG * ((D + GROUP - 1) // GROUP)
                 voff = tl.load(HEAD_VOFF + h).to(tl.int64) * SLOTS
                 _store_row(MK + b * stride_mkb + tl.load(HEAD_KOFF + h).to(tl.int64) * SLOTS + i * kb,
                            MKP + b * stride_mkpb + tl.load(HEAD_KPOFF + h).to(tl.int64) * SLOTS + i * kp,
-                           k_kept.to(tl.float32), cmask, c, QBITS, DP, GROUP)
+                           k_kept.to(tl.float32), cmask, c, QBITS, DP, GROUP, SYM)
                 _store_row(MV + b * stride_mvb + voff * VB + i * VB,
                            MVP + b * stride_mvpb + voff * VP + i * VP, v_old.to(tl.float32), dmask, D,
-                           QBITS, DP, GROUP)
+                           QBITS, DP, GROUP, SYM)
             else:
                 k_at = tl.load(HEAD_KOFF + h).to(tl.int64) * SLOTS + i * c
                 v_at = tl.load(HEAD_VOFF + h).to(tl.int64) * SLOTS * D + i * D
@@ -140,6 +158,7 @@ def store_step_triton(key: torch.Tensor, value: torch.Tensor, view: DecodeView, 
         view.head_c, view.head_koff, view.head_voff, view.head_chan, view.pads, view.seen, view.c0, H,
         *quant_args(view),
         D=D, DP=DP, SINK_WRITE=sink_write and view.sink > 0, MIDDLE=any(view.head_counts),
-        QBITS=view.quant_bits, GROUP=min(view.quant_group, DP) if view.quant_bits else 1, num_warps=1,
+        QBITS=view.quant_bits, GROUP=min(view.quant_group, DP) if view.quant_bits else 1,
+        SYM=view.quant_symmetric, num_warps=1,
     )
     view.seen.add_(1)
