@@ -42,11 +42,11 @@ from .attention import enable
 from .cache import LeanKCache, cache_kwargs, dense_cache_nbytes
 from .errors import LeanKError
 from .masks import ChannelMask
-from .quant import KVQuant
+from .quant import parse_quant
 
-METHODS = ("full", "full-compiled", "leank-eager", "leank", "leank-int8", "leank-int4")
+METHODS = ("full", "full-compiled", "leank-eager", "leank", "leank-int8", "leank-int4", "leank-int4s")
 DEFAULT_METHODS = METHODS[:4]
-COMPILED = ("full-compiled", "leank", "leank-int8", "leank-int4")  # leank-intN: the compiled step, middle quantised
+COMPILED = ("full-compiled", "leank", "leank-int8", "leank-int4", "leank-int4s")  # leank-intN[s]: quantised middle
 COMPILE_MODES = ("reduce-overhead", "max-autotune")  # both capture CUDA graphs
 LLAMA_8B_SHAPE = "llama3.1-8b-shape"
 
@@ -120,7 +120,7 @@ def make_cache(method: str, model, mask: ChannelMask | None, max_length: int):
         return DynamicCache(config=model.config)
     if method == "full-compiled":
         return StaticCache(config=model.config, max_cache_len=max_length)
-    quant = KVQuant(bits=int(method.removeprefix("leank-int"))) if method.startswith("leank-int") else None
+    quant = parse_quant(method.removeprefix("leank-")) if method.startswith("leank-int") else None
     return LeanKCache(model, mask, max_length=max_length, quant=quant)
 
 
