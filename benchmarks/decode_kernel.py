@@ -23,7 +23,7 @@ variant's 2047-token window makes every layer sliding, which LeanK refuses).
 
 ``--quant int8 int4`` adds the kernel over a quantised middle store (:class:`leank.KVQuant`,
 groups of 32; dequantised in the kernel's loads) for the same layers, as ``leank-int8`` /
-``leank-int4`` columns; its bytes are codes + scales + zero points (plus sink and window in
+``leank-int4`` columns; its bytes are codes + scales (+ zero points unless symmetric) (plus sink and window in
 bf16), its speed-up is over the faster dense backend too:
 
     python benchmarks/decode_kernel.py --models llama3.1-8b --shapes 8x32768 1x131072 --quant int8 int4 \
@@ -319,7 +319,8 @@ def markdown(rows: list[dict], copy_tbs: float) -> str:
     quant_names = sorted({key[: -len("_bytes_fraction")] for r in rows for key in r
                           if key.startswith("leank-") and key.endswith("_bytes_fraction")})
     if quant_names:
-        lines += ["", "Quantised middle store (codes + scales + zero points; bytes vs the dense bf16 K/V):", "",
+        lines += ["", "Quantised middle store (codes + scales + zero points unless symmetric; bytes vs the dense "
+                  "bf16 K/V):", "",
                   "| model | batch × tokens | method | ms (TB/s) | bytes | speed-up vs best dense | TB/s / copy |",
                   "|---|---|---|---|---|---|---|"]
         for r in rows:

@@ -95,7 +95,7 @@ class DecodeView:
     slots: int
     head_counts: tuple[int, ...]
     # The quantised middle store (module docstring); None / 0 when it is not quantised.
-    mid_kp: torch.Tensor | None = None  # [B, slots * sum(kp)], (scale, zero) pairs
+    mid_kp: torch.Tensor | None = None  # [B, slots * sum(kp)], (scale, zero) pairs, or scales (symmetric)
     mid_vp: torch.Tensor | None = None  # [B, slots * n_v * vp]
     head_kpoff: torch.Tensor | None = None  # int32 [H]
     quant_bits: int = 0

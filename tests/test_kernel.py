@@ -190,8 +190,9 @@ def stores(layer: LeanKLayer) -> dict[str, torch.Tensor]:
 
 # bf16 on a GPU only: the interpreter truncates fp32 -> bf16 casts whatever the rounding mode asked
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16] + ([torch.bfloat16] if CUDA else []), ids=str)
-@pytest.mark.parametrize("quant", [None, KVQuant(8), KVQuant(4, 16), KVQuant(4, 16, symmetric=True)],
-                         ids=["plain", "int8", "int4g16", "int4g16s"])
+@pytest.mark.parametrize("quant", [None, KVQuant(8), KVQuant(4, 16), KVQuant(4, 16, symmetric=True),
+                                   KVQuant(8, 32, symmetric=True)],
+                         ids=["plain", "int8", "int4g16", "int4g16s", "int8s"])
 @pytest.mark.parametrize("D, counts, sink, pads, prompt, max_length", [
     (64, [0, 16, 7, 64], 3, [0, 9], 12, 42),  # a padded row's sink fills while decoding; the last slot used
     (128, [32, 0, 128], 4, [2, 0, 5], 3, None),  # prompt shorter than sink + ring; growing stores
@@ -382,7 +383,12 @@ def test_quantised_kernel_matches_the_torch_path(case, quant, dtype):
     # counts multiples of 16 (the alignment hints' case) with groups of 64 across the 128-wide tile
     (dict(B=1, H=4, G=4, D=128, counts=[48, 112, 16, 80], sink=2, recent=16, pads=[0], prompt=83, programs=None,
           max_length=200, store="triton"), KVQuant(4, 64)),
-], ids=["d96-odd-int4g8", "d96-odd-int8g128", "d128-int4g64"])
+    # the symmetric format, int8 and int4, head_dim 96 with odd counts
+    (dict(B=2, H=4, G=2, D=96, counts=[7, 0, 95, 33], sink=2, recent=8, pads=[0, 11], prompt=90, programs=256,
+          store="triton"), KVQuant(8, 32, symmetric=True)),
+    (dict(B=2, H=4, G=2, D=96, counts=[7, 0, 95, 33], sink=2, recent=8, pads=[0, 11], prompt=90, programs=256,
+          store="triton"), KVQuant(4, 8, symmetric=True)),
+], ids=["d96-odd-int4g8", "d96-odd-int8g128", "d128-int4g64", "d96-odd-int8s", "d96-odd-int4g8s"])
 def test_quantised_kernel_other_layouts(case, quant):
     check_quantised(case, quant, torch.float32)
 

@@ -71,8 +71,8 @@ def _dequant(codes, params, rows, valid, cols, n, row_bytes, row_params, QBITS: 
     """fp32 values ``[len(rows), len(cols)]`` (``cols`` = ``arange(0, NCOL)``) of quantised rows:
     ``row_bytes`` code bytes and ``row_params`` scale/zero entries per row, ``n`` values. Rows not
     ``valid`` and groups past the row come out 0; columns from ``n`` on inside the row's last group
-    come out as its zero (harmless: the query is 0 at those K columns, and V lanes from D on are
-    never written out). Vector loads only: a row's codes as one
+    come out as code 0 dequantised (its zero; symmetric: ``-2^(bits-1)`` scales) — harmless: the query
+    is 0 at those K columns, and V lanes from D on are never written out. Vector loads only: a row's codes as one
     contiguous run of bytes (int4: ``NCOL / 2`` bytes split into nibbles, value ``2j`` low and
     ``2j + 1`` high), its (scale, zero) pairs (``SYM``: scales) as one run, broadcast over their
     groups in registers."""

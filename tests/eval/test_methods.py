@@ -57,6 +57,9 @@ def test_quantised_methods(all_kept_mask, tiny_lm, tokenizer, tmp_path):
     assert (spec.label, spec.family, spec.slug) == ("leank:all-kept+int4", "leank+int4", "leank-all-kept-int4")
     assert spec.settings()["quant"] == {"bits": 4, "group": 32}
     assert parse_method("magnitude:0.7+int8g64").label == "magnitude:0.7+int8g64"
+    sym = parse_method(f"leank:{all_kept_mask}+int4s")  # its own run: not resumed from +int4's
+    assert (sym.label, sym.family, sym.slug) == ("leank:all-kept+int4s", "leank+int4s", "leank-all-kept-int4s")
+    assert sym.settings()["quant"] == {"bits": 4, "group": 32, "symmetric": True}
     method = prepare(f"leank:{all_kept_mask}+int8", tiny_lm, tokenizer, tmp_path)
     cache = method.new_cache(tiny_lm, max_length=40)
     assert cache.quant == leank.KVQuant(8)
