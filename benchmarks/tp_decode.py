@@ -54,7 +54,6 @@ from leank.resources import bundled_mask_path  # noqa: E402
 
 METHODS = ("full", "leank")
 TOPK = 5
-SHAPE_MASKS = {"llama3.1-8b-shape": "llama-3.1-8b-instruct", "qwen2.5-7b-shape": "qwen2.5-7b-instruct"}
 MARKER = "leank-shape.json"  # written last into a saved shape model: the directory is complete
 GIB = 2**30
 
@@ -294,7 +293,7 @@ def check_inputs(args, world: int):
     if kv_heads % world or config.num_attention_heads % world:
         raise LeanKError(f"{kv_heads} KV heads / {config.num_attention_heads} attention heads do not split "
                          f"evenly over {world} processes: use a number of processes that divides both")
-    mask = leank.ChannelMask.load(args.mask or bundled_mask_path(SHAPE_MASKS.get(args.model, args.model)))
+    mask = leank.ChannelMask.load(args.mask or bundled_mask_path(args.model))  # a shape: its model's (authors') mask
     mask.check_config(config)
     reference = None
     if args.reference:

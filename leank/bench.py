@@ -264,7 +264,7 @@ def load(model_name: str, mask_path: str | None, device):
 
     if model_name == LLAMA_8B_SHAPE:
         model = random_llama_8b(device)
-        mask = ChannelMask.load(mask_path or bundled_mask_path("llama-3.1-8b-instruct"))  # the authors' mask
+        mask = ChannelMask.load(mask_path or bundled_mask_path(LLAMA_8B_SHAPE))  # the authors' mask
     else:
         # Without --mask: the bundled mask picked by the model's name, else its config's shape.
         mask = ChannelMask.load(mask_path) if mask_path else None

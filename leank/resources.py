@@ -27,11 +27,13 @@ BUNDLED_MASKS: dict[str, dict[str, dict[float, str]]] = {
     "llama-3.1-8b-instruct": {"leank": {0.7: "llama3.1-8b-instruct.leank-mask.safetensors"}},
     "qwen2.5-7b-instruct": {"leank": {0.7: "qwen2.5-7b-instruct.leank-mask.safetensors"}},
 }
-# alias -> names the model goes by (hub ids; matched on the last path component, any case)
+# alias -> names the model goes by (hub ids; matched on the last path component, any case), and
+# the random-weight shape of leank.models.SHAPES that stands for it in speed and memory runs
 MODEL_NAMES: dict[str, tuple[str, ...]] = {
     "smollm2-135m": ("HuggingFaceTB/SmolLM2-135M-Instruct", "HuggingFaceTB/SmolLM2-135M"),
-    "llama-3.1-8b-instruct": ("meta-llama/Llama-3.1-8B-Instruct", "meta-llama/Meta-Llama-3.1-8B-Instruct"),
-    "qwen2.5-7b-instruct": ("Qwen/Qwen2.5-7B-Instruct",),
+    "llama-3.1-8b-instruct": ("meta-llama/Llama-3.1-8B-Instruct", "meta-llama/Meta-Llama-3.1-8B-Instruct",
+                              "llama3.1-8b-shape"),
+    "qwen2.5-7b-instruct": ("Qwen/Qwen2.5-7B-Instruct", "qwen2.5-7b-shape"),
 }
 # alias -> the config shape its masks were made for:
 # (model_type, layers, kv_heads, head_dim, hidden_size, vocab_size)

@@ -235,6 +235,8 @@ def test_hybrid_model_calibration_and_metadata(tmp_path, capsys):
     ("/models/Qwen2.5-7B-Instruct/", "qwen2.5-7b-instruct"),
     ("HuggingFaceTB/SmolLM2-135M-Instruct", "smollm2-135m"),
     ("smollm2-135m", "smollm2-135m"),
+    ("llama3.1-8b-shape", "llama-3.1-8b-instruct"),  # the random-weight shapes: their model's mask
+    ("qwen2.5-7b-shape", "qwen2.5-7b-instruct"),
 ])
 def test_bundled_mask_picked_by_name(name, alias):
     from leank.resources import bundled_model
