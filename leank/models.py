@@ -103,10 +103,18 @@ def _load_gguf(path: Path):
     return model, tokenizer
 
 
+def _converted(target: Path) -> bool:
+    return (target / "config.json").is_file() and (target / "model.safetensors").is_file()
+
+
 def smollm2_dir() -> Path:
-    """Directory with SmolLM2-135M as safetensors, converted from the GGUF on first use."""
+    """Directory with SmolLM2-135M as safetensors, converted from the GGUF on first use.
+
+    Safe for processes that start together on one cache (e.g. one evaluation per method): each
+    converts into its own temporary directory; the first to finish moves it into place, and the
+    others keep that one (a complete conversion is never removed while another process reads it)."""
     target = cache_dir() / "models" / SMOLLM2_ALIAS
-    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+    if _converted(target):
         return target
     model, tokenizer = _load_gguf(smollm2_gguf_path())
     # The GGUF metadata names a long internal run; give the saved config a readable one.
@@ -119,9 +127,14 @@ def smollm2_dir() -> Path:
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        if target.exists():  # a broken earlier conversion
-            shutil.rmtree(target)
-        os.replace(tmp, target)
+        if not _converted(target):
+            if target.exists():  # a broken earlier conversion
+                shutil.rmtree(target, ignore_errors=True)
+            try:
+                os.replace(tmp, target)
+            except OSError:  # another process moved its conversion into place first
+                if not _converted(target):
+                    raise
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)

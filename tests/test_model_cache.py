@@ -1,0 +1,72 @@
+"""The SmolLM2 conversion cache (``leank.models.smollm2_dir``) with processes that start together.
+
+Found on a GPU machine: seven ``leank eval`` processes started at once on an empty cache; one
+finished converting and moved its directory into place, a second then removed it as "a broken
+earlier conversion" while a third was loading from it ("no file named model.safetensors").
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from leank import models
+
+
+class FakeSaver:
+    """Stands in for the converted model and tokenizer: writes the files a conversion writes,
+    and can run ``during`` (another process's action) while it saves."""
+
+    def __init__(self, name: str, marker: str, during=None):
+        self.name, self.marker, self.during = name, marker, during
+
+    def save_pretrained(self, directory) -> None:
+        (directory / self.name).write_text(self.marker)
+        if self.during is not None:
+            self.during()
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("LEANK_CACHE", str(tmp_path))
+    monkeypatch.setattr(models, "smollm2_gguf_path", lambda: tmp_path / "model.gguf")
+    return tmp_path / "models" / models.SMOLLM2_ALIAS
+
+
+def convert_with(monkeypatch, marker: str, during=None) -> None:
+    class Model(FakeSaver):
+        config = type("Config", (), {})()
+
+    model = Model("model.safetensors", marker)
+    tokenizer = FakeSaver("config.json", marker, during)
+    monkeypatch.setattr(models, "_load_gguf", lambda path: (model, tokenizer))
+
+
+def write_complete(target, marker: str) -> None:
+    target.mkdir(parents=True)
+    for name in ("config.json", "model.safetensors"):
+        (target / name).write_text(marker)
+
+
+def test_a_conversion_that_finishes_second_keeps_the_first(cache, monkeypatch):
+    # While this process saves, another one moves its complete conversion into place.
+    convert_with(monkeypatch, "mine", during=lambda: write_complete(cache, "theirs"))
+    assert models.smollm2_dir() == cache
+    assert (cache / "model.safetensors").read_text() == "theirs"
+    assert (cache / "config.json").read_text() == "theirs"
+    assert sorted(p.name for p in cache.parent.iterdir()) == [models.SMOLLM2_ALIAS]  # no temporary left
+
+
+def test_a_broken_conversion_is_replaced(cache, monkeypatch):
+    cache.mkdir(parents=True)
+    (cache / "config.json").write_text("torn")  # no weights: a conversion killed half-way (older code)
+    convert_with(monkeypatch, "mine")
+    assert models.smollm2_dir() == cache
+    assert (cache / "model.safetensors").read_text() == "mine"
+    assert (cache / "config.json").read_text() == "mine"
+
+
+def test_a_complete_conversion_is_used_as_it_is(cache, monkeypatch):
+    write_complete(cache, "cached")
+    monkeypatch.setattr(models, "_load_gguf", lambda path: pytest.fail("converted again"))
+    assert models.smollm2_dir() == cache
+    assert (cache / "model.safetensors").read_text() == "cached"
