@@ -72,10 +72,10 @@ def _dequant(codes, params, rows, valid, cols, n, row_bytes, row_params, QBITS: 
     ``row_bytes`` code bytes and ``row_params`` scale/zero entries per row, ``n`` values. Rows not
     ``valid`` and groups past the row come out 0; columns from ``n`` on inside the row's last group
     come out as code 0 dequantised (its zero; symmetric: ``-2^(bits-1)`` scales) — harmless: the query
-    is 0 at those K columns, and V lanes from D on are never written out. Vector loads only: a row's codes as one
-    contiguous run of bytes (int4: ``NCOL / 2`` bytes split into nibbles, value ``2j`` low and
-    ``2j + 1`` high), its (scale, zero) pairs (``SYM``: scales) as one run, broadcast over their
-    groups in registers."""
+    is 0 at those K columns, and V lanes from D on are never written out. A row's codes load as one
+    contiguous run of bytes (int8; int4: value ``2j`` in the low nibble of byte ``j``, ``2j + 1`` in the
+    high one, each lane loading its byte), its (scale, zero) pairs (``SYM``: scales) as one run,
+    broadcast over their groups in registers."""
     BLOCK: tl.constexpr = rows.shape[0]
     NCOL: tl.constexpr = cols.shape[0]
     GW: tl.constexpr = GROUP if GROUP < NCOL else NCOL  # values per scale within this tile
@@ -92,10 +92,12 @@ def _dequant(codes, params, rows, valid, cols, n, row_bytes, row_params, QBITS: 
         code = tl.load(codes + rows[:, None] * row_bytes + cols[None, :], mask=valid[:, None] & (cols[None, :] < n),
                        other=0).to(tl.float32)
     else:
-        offs_b = tl.arange(0, NCOL // 2)
-        byte = tl.load(codes + rows[:, None] * row_bytes + offs_b[None, :],
-                       mask=valid[:, None] & (offs_b[None, :] < row_bytes), other=0).to(tl.int32)
-        code = tl.reshape(tl.join(byte & 15, byte >> 4), (BLOCK, NCOL)).to(tl.float32)
+        # Each lane loads its own byte (neighbours share it) and shifts out its nibble. Splitting a
+        # vector of bytes with tl.join + reshape instead gave wrong tiles on an H200 (Triton 3.6) in
+        # fp16/bf16 for head_dim 64 / 16-wide tiles, right ones in the interpreter (docs/LOG.md).
+        byte = tl.load(codes + rows[:, None] * row_bytes + (cols // 2)[None, :],
+                       mask=valid[:, None] & (cols[None, :] < 2 * row_bytes), other=0).to(tl.int32)
+        code = ((byte >> ((cols % 2) * 4)[None, :]) & 15).to(tl.float32)
     if SYM:  # x̂ = (code - 2^(bits-1)) · scale
         x = (tl.reshape(code, (BLOCK, NG, GW)) - (1 << (QBITS - 1))) * scale[:, :, None]
     else:
