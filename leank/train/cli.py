@@ -35,6 +35,9 @@ def register(subparsers) -> None:
     p.add_argument("--no-recompute", dest="recompute", action="store_false",
                    help="keep every layer's attention activations for the backward pass instead of recomputing "
                         "them (same result; more memory, less compute)")
+    p.add_argument("--stage1-alpha", default=None, metavar="PATH",
+                   help="alpha.safetensors of an earlier run's finished stage 1 (same model): skip stage 1 and "
+                        "run stage 2 for each --sparsity from it")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.set_defaults(run=_run)
 
@@ -49,7 +52,7 @@ def _run(args) -> int:
         stage2_steps=args.steps2, lr1=args.lr1, lr2=args.lr2, reg=args.reg, batch=args.batch, corpus=args.corpus,
         seed=args.seed, checkpoint_every=args.checkpoint_every, device=args.device, dtype=args.dtype,
         workers=args.workers, validation_samples=args.validation_samples, fsdp=args.fsdp,
-        recompute=args.recompute,
+        recompute=args.recompute, stage1_alpha=args.stage1_alpha,
     )
     summary = train(cfg, resume=args.resume)
     if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 prints

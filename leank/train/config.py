@@ -49,6 +49,7 @@ class TrainConfig:
     validation_samples: int = 16  # held-out samples for the before/after-binarisation losses
     fsdp: bool = False  # under torchrun: shard the frozen model with FSDP2 (memory only, same result)
     recompute: bool = True  # recompute each layer's attention in the backward pass (memory only, same result)
+    stage1_alpha: str | None = None  # alpha.safetensors of a finished stage 1 (same model): stage 1 skipped
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -100,6 +101,7 @@ class TrainConfig:
         "haystacks",
         "corpus",
         "seed",
+        "stage1_alpha",
     )
 
     def lr_factor(self, step: int, steps: int) -> float:

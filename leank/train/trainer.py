@@ -104,6 +104,7 @@ class Trainer:
         self.shape = kv_shape(self.model.config)
         if self.shape[2] % cfg.alignment:
             raise LeanKError(f"alignment {cfg.alignment} does not divide head_dim {self.shape[2]}: use e.g. 16")
+        self.stage1_alpha = None if cfg.stage1_alpha is None else given_alpha(cfg.stage1_alpha, cfg.model, self.shape)
         if cfg.fsdp:
             shard_model(self.model, self.device)
         # Before the run directory holds a run: a context that does not fit leaves nothing to resume.
@@ -342,15 +343,18 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> d
     if cuda:
         torch.cuda.reset_peak_memory_stats(trainer.device)
     t0 = time.perf_counter()
-    alpha = trainer.run_stage(
-        "stage1",
-        torch.ones(trainer.shape),
-        steps=cfg.stage1_steps,
-        lr=cfg.lr1,
-        reg=cfg.reg,
-        sparsity=None,
-        data_seed=cfg.seed,
-    )
+    if trainer.stage1_alpha is not None:  # a finished stage 1 given: its α, as stage 1 would have returned it
+        alpha = trainer.stage1_alpha.to(trainer.device)
+    else:
+        alpha = trainer.run_stage(
+            "stage1",
+            torch.ones(trainer.shape),
+            steps=cfg.stage1_steps,
+            lr=cfg.lr1,
+            reg=cfg.reg,
+            sparsity=None,
+            data_seed=cfg.seed,
+        )
     alpha_cpu = alpha.cpu().contiguous()
     if dist.is_main:
         atomic_write(
@@ -360,6 +364,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> d
     hist = torch.histc(alpha_cpu, bins=10, min=0, max=1).tolist()
     summary["stages"]["stage1"] = {
         "seconds": round(time.perf_counter() - t0, 1),
+        **({} if cfg.stage1_alpha is None else {"given": str(cfg.stage1_alpha)}),
         "mean_alpha": alpha_cpu.mean().item(),
         "alpha_histogram_10_bins": hist,
         "validation_distill": trainer.validation_loss(alpha, None),
@@ -414,6 +419,27 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> d
         if not plot_run(trainer.out, load_alpha(alpha_path) if alpha_path.exists() else None):
             print("note: plots skipped: matplotlib is not installed (pip install 'leank[plots]')", file=sys.stderr)
     return summary
+
+
+def given_alpha(path: str | Path, model: str, shape: tuple[int, ...]) -> torch.Tensor:
+    """A finished stage 1's α for ``model`` (``--stage1-alpha``), checked against the model's shape
+    and, where the file records one, its model name; fp32 on the CPU."""
+    from safetensors import safe_open
+
+    alpha = load_alpha(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            recorded = (f.metadata() or {}).get("model")
+    except Exception:  # noqa: BLE001 - load_alpha read it: only the metadata is missing
+        recorded = None
+    if recorded is not None and recorded != model:
+        raise LeanKError(f"{path} holds the stage-1 α of model {recorded!r}, not {model!r}")
+    if tuple(alpha.shape) != tuple(shape) or not alpha.is_floating_point():
+        raise LeanKError(f"{path} holds α of shape {tuple(alpha.shape)}, but {model} needs {tuple(shape)} "
+                         "(layers, KV heads, head_dim)")
+    if not torch.isfinite(alpha).all():
+        raise LeanKError(f"{path} holds non-finite α values: not a finished stage 1")
+    return alpha.float().clamp(0.0, 1.0)
 
 
 def load_alpha(path: str | Path) -> torch.Tensor:

@@ -134,6 +134,44 @@ def test_killed_and_resumed_equals_uninterrupted(tiny_dir, tmp_path, monkeypatch
     assert steps_b == list(range(6))  # no step logged twice
 
 
+def test_stage2_from_a_given_stage1_equals_the_two_stage_run(tiny_dir, tmp_path, monkeypatch):
+    """``--stage1-alpha``: stage 2 started from an earlier run's α gives that run's masks bit for bit,
+    and runs no stage-1 step."""
+    full = train(config(tiny_dir, tmp_path / "full", sparsities=(0.5, 0.75)), progress=False)
+    from leank.train import trainer as trainer_mod
+
+    stages = []
+    original = trainer_mod.Trainer.run_stage
+    monkeypatch.setattr(trainer_mod.Trainer, "run_stage",
+                        lambda self, stage, *a, **kw: stages.append(stage) or original(self, stage, *a, **kw))
+    given = tmp_path / "full" / "alpha.safetensors"
+    part = train(config(tiny_dir, tmp_path / "part", sparsities=(0.5, 0.75), stage1_alpha=str(given)), progress=False)
+    assert stages == ["stage2-0.50", "stage2-0.75"]
+    for sparsity in (0.5, 0.75):
+        name = f"mask-{sparsity:.2f}.safetensors"
+        assert torch.equal(ChannelMask.load(tmp_path / "full" / name).kept, ChannelMask.load(tmp_path / "part" / name).kept)
+        key = f"stage2-{sparsity:.2f}"
+        assert part["stages"][key]["validation_distill_after"] == full["stages"][key]["validation_distill_after"]
+    assert torch.equal(load_file(str(given))["alpha"], load_file(str(tmp_path / "part" / "alpha.safetensors"))["alpha"])
+    assert part["stages"]["stage1"]["given"] == str(given)
+
+
+def test_a_bad_stage1_alpha_is_refused_before_training(tiny_dir, tmp_path):
+    from safetensors.torch import save_file
+
+    wrong = tmp_path / "wrong.safetensors"
+    save_file({"alpha": torch.rand(3, 2, 16)}, str(wrong), metadata={"model": str(tiny_dir)})
+    with pytest.raises(LeanKError, match=r"shape \(3, 2, 16\), but .* needs \(2, 2, 16\)"):
+        train(config(tiny_dir, tmp_path / "a", stage1_alpha=str(wrong)), progress=False)
+    other = tmp_path / "other.safetensors"
+    save_file({"alpha": torch.rand(2, 2, 16)}, str(other), metadata={"model": "smollm2-135m"})
+    with pytest.raises(LeanKError, match="stage-1 α of model 'smollm2-135m'"):
+        train(config(tiny_dir, tmp_path / "b", stage1_alpha=str(other)), progress=False)
+    with pytest.raises(LeanKError, match="cannot read α"):
+        train(config(tiny_dir, tmp_path / "c", stage1_alpha=str(tmp_path / "missing.safetensors")), progress=False)
+    assert not any((tmp_path / d / "config.json").exists() for d in "abc")  # no run started
+
+
 def test_resume_with_other_config_refused(tiny_dir, tmp_path):
     train(config(tiny_dir, tmp_path / "r", stage1_steps=2, stage2_steps=1), progress=False)
     with pytest.raises(LeanKError, match="different reg"):
