@@ -149,7 +149,8 @@ def test_stage2_from_a_given_stage1_equals_the_two_stage_run(tiny_dir, tmp_path,
     assert stages == ["stage2-0.50", "stage2-0.75"]
     for sparsity in (0.5, 0.75):
         name = f"mask-{sparsity:.2f}.safetensors"
-        assert torch.equal(ChannelMask.load(tmp_path / "full" / name).kept, ChannelMask.load(tmp_path / "part" / name).kept)
+        kept = [ChannelMask.load(tmp_path / run / name).kept for run in ("full", "part")]
+        assert torch.equal(*kept)
         key = f"stage2-{sparsity:.2f}"
         assert part["stages"][key]["validation_distill_after"] == full["stages"][key]["validation_distill_after"]
     assert torch.equal(load_file(str(given))["alpha"], load_file(str(tmp_path / "part" / "alpha.safetensors"))["alpha"])
