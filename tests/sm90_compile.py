@@ -37,26 +37,32 @@ LAYERS = {  # name -> (head_dim, kept channels per KV head, prompt, max_length):
 }
 
 
+def specialize(jit, args: tuple, kw: dict) -> tuple[dict, dict, dict]:
+    """(signature, constants, attributes) Triton's own launcher derives from a launch's arguments
+    (``native_specialize_impl``: integers equal to 1 become constants, pointers and integers
+    divisible by 16 are marked so): launches with equal results share one compiled kernel."""
+    bound = dict(zip(jit.arg_names[: len(args)], args, strict=True), **kw)
+    signature, constants, attrs = {}, {}, {}
+    for i, p in enumerate(jit.params):
+        v = bound.get(p.name, p.default)
+        if p.is_constexpr or v is None:
+            signature[p.name], constants[p.name] = "constexpr", v
+            continue
+        kind, key = native_specialize_impl(BaseBackend, v, False, p.name not in jit.do_not_specialize, True)
+        signature[p.name] = kind
+        if kind == "constexpr":
+            constants[p.name] = key
+        elif key == "D":
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    return signature, constants, attrs
+
+
 def _compile_instead_of_launch(jit, ptx: dict):
-    """A ``JITFunction.run`` stand-in: the signature, constants and specialisations Triton's own
-    launcher derives from the arguments (``native_specialize_impl``: integers equal to 1 become
-    constants, pointers and integers divisible by 16 are marked so), compiled for sm_90; the
-    PTX kept in ``ptx[kernel name]``."""
+    """A ``JITFunction.run`` stand-in: the launch specialised as Triton's launcher does
+    (:func:`specialize`), compiled for sm_90; the PTX kept in ``ptx[kernel name]``."""
     def run(*args, grid, warmup, **kw):
         options = {k: kw.pop(k) for k in ("num_warps", "num_stages") if k in kw}
-        bound = dict(zip(jit.arg_names[: len(args)], args, strict=True), **kw)
-        signature, constants, attrs = {}, {}, {}
-        for i, p in enumerate(jit.params):
-            v = bound.get(p.name, p.default)
-            if p.is_constexpr or v is None:
-                signature[p.name], constants[p.name] = "constexpr", v
-                continue
-            kind, key = native_specialize_impl(BaseBackend, v, False, p.name not in jit.do_not_specialize, True)
-            signature[p.name] = kind
-            if kind == "constexpr":
-                constants[p.name] = key
-            elif key == "D":
-                attrs[(i,)] = [["tt.divisibility", 16]]
+        signature, constants, attrs = specialize(jit, args, kw)
         compiled = triton.compile(ASTSource(jit, signature, constants, attrs), target=SM90, options=options)
         ptx[jit.fn.__name__] = compiled.asm["ptx"]
     return run

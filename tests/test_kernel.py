@@ -393,6 +393,43 @@ def test_quantised_kernel_other_layouts(case, quant):
     check_quantised(case, quant, torch.float32)
 
 
+def test_one_compiled_kernel_for_every_layer(monkeypatch):
+    """The per-layer plan values (``SUMCD``, ``MAXCD``, ``MIN_BUDGET``, ``PROGRAMS``) are runtime
+    arguments: layers with other kept counts (same head_dim and alignment) launch the decode kernel
+    with one specialisation, so a model compiles it once rather than once per layer (an 8B model's
+    32 layers took ~2 s of compilation each on the GPU machine)."""
+    from triton.runtime.jit import JITFunction
+
+    from tests.sm90_compile import specialize
+
+    kernel = td._leank_decode_kernel
+    jit = kernel if isinstance(kernel, JITFunction) else JITFunction(kernel.fn, **kernel.kwargs)
+    launches = []
+
+    class Recorder:
+        def __init__(self, into: list):
+            self.into = into
+
+        def __getitem__(self, grid):
+            return lambda *args, **kw: self.into.append((args, kw))
+
+    monkeypatch.setattr(td, "_leank_decode_kernel", Recorder(launches))
+    monkeypatch.setattr(td, "_merge_kernel", Recorder([]))
+    gen = torch.Generator().manual_seed(0)
+    for counts in ([16, 0, 32, 64], [48, 16, 0, 16], [64, 64, 32, 0]):  # alignment 16 in each
+        hist = History(B=2, H=4, D=64, kept=random_kept(4, 64, counts, gen), sink=2, recent=8, pads=[0, 5],
+                       prompt=120, dtype=torch.float16, gen=gen, backend="torch")
+        hist.step()
+        td.decode_attention_triton(hist._rand(2, 8, 1, 64), hist.layer.view, 64**-0.5)
+    plans = {tuple(kw[k] for k in ("SUMCD", "MAXCD", "MIN_BUDGET")) for _, kw in launches}
+    assert len(plans) == 3  # the layers' plans differ ...
+    keys = []
+    for args, kw in launches:
+        kw = {k: v for k, v in kw.items() if k not in ("num_warps", "num_stages")}
+        keys.append(repr(specialize(jit, args, kw)))
+    assert len(set(keys)) == 1, "a layer's plan changed the compiled kernel"  # ... the compiled kernel does not
+
+
 def check_quantised(case: dict, quant: KVQuant, dtype: torch.dtype) -> None:
     case = dict(case)
     seed = torch.seed() % 2**31

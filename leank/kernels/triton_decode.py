@@ -16,7 +16,8 @@ program of each head to finish, was measured slower at batch 1; see docs/LOG.md.
 Lengths are read from device memory (``seen``, ``c0``, ``pads``) and the grid is fixed for a
 cache's life (:func:`plan`: the split length follows the middle length inside the kernel),
 so one compiled kernel and one captured CUDA graph serve every step: no recompilation, no
-host value, no allocation besides the step's workspace and output.
+host value, no allocation besides the step's workspace and output. The plan's per-layer values
+are runtime arguments too, so the layers of a model share one compiled kernel.
 
 The model's score terms (:mod:`leank.contract`): ``scaling``; soft-capping
 ``cap * tanh(score / cap)`` after the dot (``HAS_CAP``; tanh from ``exp``, with a short odd
@@ -182,7 +183,7 @@ def _middle(acc, m_i, l_i, q_rows, gmask, chan, c, k_base, v_base, lo, hi, qk_sc
     return acc, m_i, l_i
 
 
-@triton.jit(do_not_specialize=["S", "RING", "SLOTS", "B_ROWS", "NS"])
+@triton.jit(do_not_specialize=["S", "RING", "SLOTS", "B_ROWS", "NS", "SUMCD", "MAXCD", "MIN_BUDGET", "PROGRAMS"])
 def _leank_decode_kernel(
     Q, stride_qb, stride_qh,
     SK, SV, stride_sb, stride_sh, S,
@@ -191,7 +192,7 @@ def _leank_decode_kernel(
     HEAD_C, HEAD_KOFF, HEAD_VOFF, HEAD_CHAN,
     PADS, SEEN, C0, WS_O, WS_L, qk_scale, cap_scale, H, NS, B_ROWS,
     MKP, MVP, stride_mkpb, stride_mvpb, HEAD_KPOFF,
-    SUMCD: tl.constexpr, MAXCD: tl.constexpr, MIN_BUDGET: tl.constexpr, PROGRAMS: tl.constexpr,
+    SUMCD, MAXCD, MIN_BUDGET, PROGRAMS,
     G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, BLOCK: tl.constexpr,
     KALIGN: tl.constexpr, HAS_SINK: tl.constexpr, HAS_CAP: tl.constexpr, UPCAST: tl.constexpr,
     PREC: tl.constexpr, QBITS: tl.constexpr, GROUP: tl.constexpr, SYM: tl.constexpr,
@@ -233,10 +234,12 @@ def _leank_decode_kernel(
         # tokens (whole blocks), so heads that keep more channels get more, shorter splits.
         # The budget follows the middle length (no host value, no recompilation), and is
         # raised where needed so that the head keeping most channels fits in NS splits.
-        budget = tl.maximum(tl.cdiv(B_ROWS * M * SUMCD, PROGRAMS), MIN_BUDGET)
+        # Runtime values (one compiled kernel for every layer of a model); int64: rows x tokens x
+        # (kept + D) passes 2^31 at e.g. 64 x 32K.
+        budget = tl.maximum(tl.cdiv(B_ROWS.to(tl.int64) * M * SUMCD, PROGRAMS), MIN_BUDGET)
         longest = tl.maximum(tl.cdiv(tl.cdiv(budget, MAXCD), BLOCK), tl.cdiv(tl.cdiv(M, NS), BLOCK)) * BLOCK
         budget = tl.maximum(budget, longest * MAXCD)
-        split_len = tl.maximum(tl.cdiv(tl.cdiv(budget, c + D), BLOCK), 1) * BLOCK
+        split_len = (tl.maximum(tl.cdiv(tl.cdiv(budget, c + D), BLOCK), 1) * BLOCK).to(tl.int32)  # <= M + BLOCK
         # Middle slot i is valid for this row iff c0 + i >= pad + S (the row's sink is not there).
         lo = tl.maximum(split * split_len, pad + S - c0)
         hi = tl.minimum(split * split_len + split_len, M)
