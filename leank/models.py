@@ -10,6 +10,7 @@ only (their outputs are meaningless).
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import shutil
@@ -107,12 +108,29 @@ def _converted(target: Path) -> bool:
     return (target / "config.json").is_file() and (target / "model.safetensors").is_file()
 
 
+@contextlib.contextmanager
+def _cache_lock(directory: Path):
+    """An exclusive lock on ``directory/.lock`` (POSIX ``flock``; no lock where fcntl is missing)
+    for the check-and-move of a finished conversion, so no process removes a complete one."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield
+        return
+    with open(directory / ".lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def smollm2_dir() -> Path:
     """Directory with SmolLM2-135M as safetensors, converted from the GGUF on first use.
 
     Safe for processes that start together on one cache (e.g. one evaluation per method): each
-    converts into its own temporary directory; the first to finish moves it into place, and the
-    others keep that one (a complete conversion is never removed while another process reads it)."""
+    converts into its own temporary directory; the first to finish moves it into place (under a
+    lock), and the others keep that one: a complete conversion is never removed."""
     target = cache_dir() / "models" / SMOLLM2_ALIAS
     if _converted(target):
         return target
@@ -127,14 +145,11 @@ def smollm2_dir() -> Path:
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        if not _converted(target):
-            if target.exists():  # a broken earlier conversion
-                shutil.rmtree(target, ignore_errors=True)
-            try:
+        with _cache_lock(target.parent):
+            if not _converted(target):  # else another process finished first: keep its conversion
+                if target.exists():  # a broken earlier conversion
+                    shutil.rmtree(target)
                 os.replace(tmp, target)
-            except OSError:  # another process moved its conversion into place first
-                if not _converted(target):
-                    raise
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)

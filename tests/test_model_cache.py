@@ -53,7 +53,7 @@ def test_a_conversion_that_finishes_second_keeps_the_first(cache, monkeypatch):
     assert models.smollm2_dir() == cache
     assert (cache / "model.safetensors").read_text() == "theirs"
     assert (cache / "config.json").read_text() == "theirs"
-    assert sorted(p.name for p in cache.parent.iterdir()) == [models.SMOLLM2_ALIAS]  # no temporary left
+    assert sorted(p.name for p in cache.parent.iterdir()) == [".lock", models.SMOLLM2_ALIAS]  # no temporary
 
 
 def test_a_broken_conversion_is_replaced(cache, monkeypatch):
@@ -70,3 +70,32 @@ def test_a_complete_conversion_is_used_as_it_is(cache, monkeypatch):
     monkeypatch.setattr(models, "_load_gguf", lambda path: pytest.fail("converted again"))
     assert models.smollm2_dir() == cache
     assert (cache / "model.safetensors").read_text() == "cached"
+
+
+def _convert_in_child(queue) -> None:
+    try:
+        queue.put(str(models.smollm2_dir()))
+    except BaseException as e:  # noqa: BLE001 - reported to the parent
+        queue.put(f"error: {e!r}")
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs fork (the fakes are inherited)")
+def test_the_move_into_place_waits_for_the_lock(cache, monkeypatch):
+    """A process that finishes its conversion while another holds the cache lock waits, then keeps
+    the other's complete conversion (without the lock it would check, then move or remove, at once)."""
+    import multiprocessing as mp
+
+    convert_with(monkeypatch, "mine")
+    cache.parent.mkdir(parents=True)
+    ctx = mp.get_context("fork")
+    queue = ctx.Queue()
+    with models._cache_lock(cache.parent):
+        child = ctx.Process(target=_convert_in_child, args=(queue,))
+        child.start()
+        child.join(timeout=3)
+        assert child.is_alive()  # blocked on the lock, after its conversion
+        write_complete(cache, "theirs")
+    child.join(timeout=30)
+    assert queue.get(timeout=5) == str(cache)
+    assert (cache / "model.safetensors").read_text() == "theirs"
+    assert sorted(p.name for p in cache.parent.iterdir()) == [".lock", models.SMOLLM2_ALIAS]
