@@ -89,6 +89,10 @@ class Trainer:
                 f"--fsdp needs --batch to be a multiple of the {dist.world} processes (each forward pass gathers "
                 f"the weights from all of them, so all run as many), got {cfg.batch}"
             )
+        # A given stage 1 is read (rank 0) before the model loads; its shape is checked once the model's is known.
+        self.stage1 = None
+        if cfg.stage1_alpha is not None:
+            self.stage1 = dist.on_main(lambda: read_stage1(cfg.stage1_alpha, cfg.model))
         from ..models import load_model
 
         # Rank 0 first: a model converted on first use (smollm2-135m) is converted once.
@@ -104,7 +108,8 @@ class Trainer:
         self.shape = kv_shape(self.model.config)
         if self.shape[2] % cfg.alignment:
             raise LeanKError(f"alignment {cfg.alignment} does not divide head_dim {self.shape[2]}: use e.g. 16")
-        self.stage1_alpha = None if cfg.stage1_alpha is None else given_alpha(cfg.stage1_alpha, cfg.model, self.shape)
+        if cfg.stage1_alpha is not None:
+            dist.on_main(self._check_stage1_shape)
         if cfg.fsdp:
             shard_model(self.model, self.device)
         # Before the run directory holds a run: a context that does not fit leaves nothing to resume.
@@ -137,6 +142,12 @@ class Trainer:
         for directory in (self.out, self.ckpt_dir):
             for tmp in directory.glob(".*.tmp"):
                 tmp.unlink(missing_ok=True)
+
+    def _check_stage1_shape(self) -> None:
+        shape = tuple(self.stage1[0].shape)
+        if shape != tuple(self.shape):
+            raise LeanKError(f"--stage1-alpha {self.cfg.stage1_alpha} holds α of shape {shape}, but {self.cfg.model} "
+                             f"needs {tuple(self.shape)} (layers, KV heads, head_dim)")
 
     # ---- logging ------------------------------------------------------------------
     def _log(self, record: dict) -> None:
@@ -343,8 +354,11 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> d
     if cuda:
         torch.cuda.reset_peak_memory_stats(trainer.device)
     t0 = time.perf_counter()
-    if trainer.stage1_alpha is not None:  # a finished stage 1 given: its α, as stage 1 would have returned it
-        alpha = trainer.stage1_alpha.to(trainer.device)
+    stage1_info = {k: getattr(cfg, k) for k in STAGE1_KEYS}
+    if cfg.stage1_alpha is not None:  # a finished stage 1 given: its α (rank 0's), as stage 1 would have returned it
+        given, stage1_info = trainer.stage1 if dist.is_main else (torch.zeros(trainer.shape), None)
+        alpha = dist.broadcast(given.to(trainer.device))
+        stage1_info = {"stage1_alpha": str(cfg.stage1_alpha), **dist.broadcast_object(stage1_info)}
     else:
         alpha = trainer.run_stage(
             "stage1",
@@ -359,7 +373,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> d
     if dist.is_main:
         atomic_write(
             trainer.out / "alpha.safetensors",
-            lambda tmp: save_file({"alpha": alpha_cpu}, tmp, metadata={"model": cfg.model}),
+            lambda tmp: save_file({"alpha": alpha_cpu}, tmp, metadata={
+                "model": cfg.model, **{k: str(v) for k, v in stage1_info.items()}}),
         )
     hist = torch.histc(alpha_cpu, bins=10, min=0, max=1).tolist()
     summary["stages"]["stage1"] = {
@@ -387,10 +402,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> d
             sink=cfg.sink,
             recent=cfg.recent,
             info={
-                "stage1_steps": cfg.stage1_steps,
+                **stage1_info,  # this run's stage-1 settings, or those recorded with a given α
                 "stage2_steps": cfg.stage2_steps,
-                "reg": cfg.reg,
-                "lr1": cfg.lr1,
                 "lr2": cfg.lr2,
                 "lengths": [cfg.min_length, cfg.max_length],
                 "validation_distill": after,
@@ -421,25 +434,32 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> d
     return summary
 
 
-def given_alpha(path: str | Path, model: str, shape: tuple[int, ...]) -> torch.Tensor:
-    """A finished stage 1's α for ``model`` (``--stage1-alpha``), checked against the model's shape
-    and, where the file records one, its model name; fp32 on the CPU."""
+STAGE1_KEYS = ("stage1_steps", "reg", "lr1", "seed", "min_length", "max_length")  # recorded with α
+
+
+def read_stage1(path: str | Path, model: str) -> tuple[torch.Tensor, dict]:
+    """A finished stage 1 (``--stage1-alpha``): its α (fp32, CPU) and the settings recorded with it
+    (``STAGE1_KEYS``; files written before they were recorded have none). Refuses, in one line, a
+    path that is not such a file or whose recorded model is not ``model``."""
     from safetensors import safe_open
 
-    alpha = load_alpha(path)
+    path = Path(path)
+    if not path.is_file():
+        raise LeanKError(f"--stage1-alpha {path}: no such file (give the alpha.safetensors of a training run)")
     try:
         with safe_open(str(path), framework="pt") as f:
-            recorded = (f.metadata() or {}).get("model")
-    except Exception:  # noqa: BLE001 - load_alpha read it: only the metadata is missing
-        recorded = None
-    if recorded is not None and recorded != model:
-        raise LeanKError(f"{path} holds the stage-1 α of model {recorded!r}, not {model!r}")
-    if tuple(alpha.shape) != tuple(shape) or not alpha.is_floating_point():
-        raise LeanKError(f"{path} holds α of shape {tuple(alpha.shape)}, but {model} needs {tuple(shape)} "
-                         "(layers, KV heads, head_dim)")
-    if not torch.isfinite(alpha).all():
-        raise LeanKError(f"{path} holds non-finite α values: not a finished stage 1")
-    return alpha.float().clamp(0.0, 1.0)
+            meta, names = f.metadata() or {}, set(f.keys())
+            alpha = f.get_tensor("alpha") if "alpha" in names else None
+    except Exception as e:  # noqa: BLE001 - not a safetensors file
+        raise LeanKError(f"--stage1-alpha {path}: not a safetensors file ({e})") from None
+    if alpha is None:
+        raise LeanKError(f"--stage1-alpha {path} holds no tensor 'alpha' ({', '.join(sorted(names)) or 'none'}): "
+                         "give the alpha.safetensors of a training run, not a mask")
+    if meta.get("model") not in (None, model):
+        raise LeanKError(f"--stage1-alpha {path} holds the stage-1 α of model {meta['model']!r}, not {model!r}")
+    if not alpha.is_floating_point() or not torch.isfinite(alpha).all():
+        raise LeanKError(f"--stage1-alpha {path}: α must be finite floating-point values, got {alpha.dtype}")
+    return alpha.float().clamp(0.0, 1.0), {k: meta[k] for k in STAGE1_KEYS if k in meta}
 
 
 def load_alpha(path: str | Path) -> torch.Tensor:

@@ -155,6 +155,10 @@ def test_stage2_from_a_given_stage1_equals_the_two_stage_run(tiny_dir, tmp_path,
         assert part["stages"][key]["validation_distill_after"] == full["stages"][key]["validation_distill_after"]
     assert torch.equal(load_file(str(given))["alpha"], load_file(str(tmp_path / "part" / "alpha.safetensors"))["alpha"])
     assert part["stages"]["stage1"]["given"] == str(given)
+    # provenance: the masks name the given α and carry the stage-1 settings recorded with it
+    info = ChannelMask.load(tmp_path / "part" / "mask-0.75.safetensors").info
+    assert info["stage1_alpha"] == str(given)
+    assert (int(info["stage1_steps"]), float(info["reg"])) == (6, config(tiny_dir, tmp_path).reg)
 
 
 def test_a_bad_stage1_alpha_is_refused_before_training(tiny_dir, tmp_path):
@@ -168,9 +172,19 @@ def test_a_bad_stage1_alpha_is_refused_before_training(tiny_dir, tmp_path):
     save_file({"alpha": torch.rand(2, 2, 16)}, str(other), metadata={"model": "smollm2-135m"})
     with pytest.raises(LeanKError, match="stage-1 α of model 'smollm2-135m'"):
         train(config(tiny_dir, tmp_path / "b", stage1_alpha=str(other)), progress=False)
-    with pytest.raises(LeanKError, match="cannot read α"):
+    with pytest.raises(LeanKError, match="no such file"):
         train(config(tiny_dir, tmp_path / "c", stage1_alpha=str(tmp_path / "missing.safetensors")), progress=False)
-    assert not any((tmp_path / d / "config.json").exists() for d in "abc")  # no run started
+    with pytest.raises(LeanKError, match="no such file"):
+        train(config(tiny_dir, tmp_path / "d", stage1_alpha=str(tmp_path)), progress=False)  # a directory
+    mask = tmp_path / "mask.safetensors"
+    save_file({"kept": torch.ones(2, 2, 16, dtype=torch.bool)}, str(mask))
+    with pytest.raises(LeanKError, match="holds no tensor 'alpha' \\(kept\\).*not a mask"):
+        train(config(tiny_dir, tmp_path / "e", stage1_alpha=str(mask)), progress=False)
+    ints = tmp_path / "ints.safetensors"
+    save_file({"alpha": torch.ones(2, 2, 16, dtype=torch.int64)}, str(ints))
+    with pytest.raises(LeanKError, match="finite floating-point values, got torch.int64"):
+        train(config(tiny_dir, tmp_path / "f", stage1_alpha=str(ints)), progress=False)
+    assert not any((tmp_path / d / "config.json").exists() for d in "abcdef")  # no run started
 
 
 def test_resume_with_other_config_refused(tiny_dir, tmp_path):
