@@ -429,7 +429,7 @@ def register(sub) -> None:
     p.add_argument("--freeze", action="store_true",
                    help="compile with inductor's freezing (weights as constants; q/k/v and gate/up fused into "
                         "one GEMM each, at the cost of a fused copy of those weights; on an H200 at 8B shape: "
-                        "no faster, +39 GiB peak at 8x32K)")
+                        "no faster, +7 GiB peak)")
     p.add_argument("--out", default=None, help="directory for results.json and results.md")
     p.set_defaults(run=_main)
 

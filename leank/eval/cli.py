@@ -1,7 +1,7 @@
 """``leank eval`` and ``leank report``: the evaluation harness on the command line.
 
     leank eval --model smollm2-135m --methods full leank:MASK.safetensors magnitude:0.7 think:0.7 \\
-        --lengths 4096 8192 --samples 50 --batch-size 8 --out runs/eval [--agreement]
+        --lengths 4096 8192 --samples 50 --batch-size 8 --out runs/eval [--jobs 4] [--agreement]
     leank report runs/eval
 
 ``eval`` runs the tasks (resuming a partly finished ``--out``), optionally the decode
@@ -17,10 +17,14 @@ import argparse
 def eval_command(args: argparse.Namespace) -> int:
     from .._io import check_writable_dir
     from ..data.tasks import TASKS
+    from ..errors import LeanKError
     from ..models import load_model
     from .agreement import AgreementConfig, check_context, run_agreement
     from .methods import parse_methods, prepare_methods
-    from .runner import EvalConfig, check_results_dir, default_dtype, run_eval, run_identity
+    from .runner import EvalConfig, check_results_dir, default_dtype, run_eval, run_eval_in_processes, run_identity
+
+    if args.jobs < 1:
+        raise LeanKError(f"--jobs must be at least 1, got {args.jobs}")
 
     tasks = args.tasks if args.tasks is not None else ([] if args.ruler_jsonl else list(TASKS))
     cfg = EvalConfig(
@@ -38,11 +42,17 @@ def eval_command(args: argparse.Namespace) -> int:
     # Before the model loads: the device, the results directory's owner, that it can be written.
     check_results_dir(cfg.out, run_identity(cfg, dtype=default_dtype(cfg)))
     check_writable_dir(cfg.out)
-    model, tokenizer = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
+    parallel = args.jobs > 1 and len(cfg.methods) > 1
+    model = tokenizer = None
+    if agreement or not parallel:
+        model, tokenizer = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
     if agreement:  # fail on bad agreement settings now, not after the task runs
         check_context(model, agreement, model_name=cfg.model)
         methods = prepare_methods(specs, model, tokenizer, model_name=cfg.model, mask_dir=cfg.out / "masks")
-    run_eval(cfg, model=model, tokenizer=tokenizer)
+    if parallel:
+        run_eval_in_processes(cfg, args.jobs)
+    else:
+        run_eval(cfg, model=model, tokenizer=tokenizer)
     if agreement:
         run_agreement(model, tokenizer, methods, agreement, model_name=cfg.model, out=cfg.out)
     return _report(cfg.out)
@@ -82,6 +92,9 @@ def register(subparsers) -> None:
     p.add_argument("--align", type=int, default=16, help="alignment of magnitude/random masks' per-head counts")
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: bf16 on CUDA, fp32 on CPU)")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="methods evaluated side by side, each in its own process (evaluation is bound by the host: "
+                        "on a GPU several run at nearly the speed of one)")
     p.add_argument("--agreement", action="store_true", help="also measure decode agreement with the full cache")
     p.add_argument("--agreement-methods", nargs="+", default=None, metavar="METHOD",
                    help="methods for the agreement (default: --methods), e.g. a sparsity sweep")
