@@ -131,6 +131,7 @@ class LeanKLayer(DynamicLayer):
         self.v_col = torch.arange(D, device=dev).repeat(len(kept_heads))
         self.seen = torch.zeros((), **long)
         self.c0 = torch.zeros((), **long)
+        self._c0 = 0
         # Static too: CUDA graphs copy every non-static tensor input in at each replay.
         _mark_static(*self.tables, self.k_src, self.k_head_off, self.k_col, self.k_step, self.v_src,
                      self.v_head_off, self.v_col, *self._quant_index())
@@ -299,6 +300,7 @@ class LeanKLayer(DynamicLayer):
         capacity = max(0, total - (self.recent + 1) - (S if self.max_length is not None else c0))
         self.seen.zero_()
         self.c0.fill_(c0)
+        self._c0 = c0  # its host copy: an eager step sizes the stores without reading the device
         self.length = 0
         self.sink_full = False
         if self.ring_k is not None and self.ring_k.shape == (B, H, ring, D) and self.capacity == capacity \
@@ -387,7 +389,7 @@ class LeanKLayer(DynamicLayer):
                 new[:, :, :ring] = old
                 setattr(self, name, new)
             self._set_view()
-        needed = tokens - (self.recent + 1) - int(self.c0)
+        needed = tokens - (self.recent + 1) - self._c0
         if needed > self.capacity:
             # A sixteenth more, at least 16 slots (amortised: 16 token copies per step against the
             # M tokens attention reads), never more middle bytes than the dense cache's for `tokens`.

@@ -430,6 +430,40 @@ def test_one_compiled_kernel_for_every_layer(monkeypatch):
     assert len(set(keys)) == 1, "a layer's plan changed the compiled kernel"  # ... the compiled kernel does not
 
 
+@pytest.mark.parametrize("quant", [None, KVQuant(4)], ids=["plain", "int4"])
+def test_an_eager_decode_step_reads_nothing_back_to_the_host(monkeypatch, quant):
+    """The GPU path (fused store and Triton kernel; the interpreter here), eager and without
+    ``max_length``: a decode step that does not grow the stores reads no device value to the host
+    (each such read waits for the GPU, so it serialises host and device once per layer per step)."""
+    gen = torch.Generator().manual_seed(0)
+    hist = History(B=2, H=4, D=64, kept=random_kept(4, 64, [16, 0, 32, 64], gen), sink=2, recent=8, pads=[0, 5],
+                   prompt=60, dtype=torch.float32, gen=gen, backend="triton", quant=quant)
+    reads = []
+
+    def counting(name):
+        original = getattr(torch.Tensor, name)
+
+        def read(self, *args, **kwargs):
+            reads.append(name)
+            return original(self, *args, **kwargs)
+        return read
+
+    quiet_steps = 0
+    for _ in range(40):  # the middle store grows on some of these steps (amortised): those may read
+        capacity = hist.layer.capacity
+        k, v, query = hist._rand(2, 4, 1, 64), hist._rand(2, 4, 1, 64), hist._rand(2, 8, 1, 64)
+        reads.clear()
+        with monkeypatch.context() as m:
+            for name in ("__int__", "__bool__", "__float__", "__index__", "item", "tolist", "numpy"):
+                m.setattr(torch.Tensor, name, counting(name))
+            hist.layer.update(k, v)
+            hist.layer.attend(query, 0.125)
+        if hist.layer.capacity == capacity:
+            assert reads == [], reads
+            quiet_steps += 1
+    assert quiet_steps >= 30
+
+
 def check_quantised(case: dict, quant: KVQuant, dtype: torch.dtype) -> None:
     case = dict(case)
     seed = torch.seed() % 2**31
