@@ -46,7 +46,7 @@ import triton.language as tl
 
 from ..contract import DecodeView
 from ..errors import LeanKError
-from .triton_store import quant_args
+from .triton_store import quant_args, row_bytes, row_params
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 LOG2E = 1.4426950408889634
@@ -130,8 +130,8 @@ def _attend(acc, m_i, l_i, q, qk_scale, cap_scale, k_ptrs_base, v_ptrs_base, k_s
         kmask = valid[:, None] & (offs_kc[None, :] < k_cols)
         vmask = valid[:, None] & dmask[None, :]
         if QBITS > 0:
-            VB: tl.constexpr = D * QBITS // 8
-            VP: tl.constexpr = (1 if SYM else 2) * ((D + GROUP - 1) // GROUP)
+            VB = row_bytes(D, QBITS)
+            VP = row_params(D, GROUP, SYM)
             k = _dequant(k_ptrs_base, kp_base, rows, valid, offs_kc, k_cols, k_stride, kp_stride, QBITS, GROUP, SYM)
             v = _dequant(v_ptrs_base, vp_base, rows, valid, offs_d, D, VB, VP, QBITS, GROUP, SYM)
             if not UPCAST:
@@ -176,7 +176,7 @@ def _middle(acc, m_i, l_i, q_rows, gmask, chan, c, k_base, v_base, lo, hi, qk_sc
             q = q.to(tl.float32)
         acc, m_i, l_i = _attend(acc, m_i, l_i, q, qk_scale, cap_scale, k_base, v_base, kb, lo, hi,
                                 offs_kc, c, offs_d, D, 1, False, HAS_CAP, BLOCK, UPCAST, PREC, kp_base, vp_base,
-                                (1 if SYM else 2) * ((c + GROUP - 1) // GROUP), QBITS, GROUP, SYM)
+                                row_params(c, GROUP, SYM), QBITS, GROUP, SYM)
     else:
         acc, m_i, l_i = _attend(acc, m_i, l_i, q, qk_scale, cap_scale, k_base, v_base, kb, lo, hi, offs_kc, c, offs_d,
                                 D, 1, False, HAS_CAP, BLOCK, UPCAST, PREC)
@@ -248,7 +248,7 @@ def _leank_decode_kernel(
             voff = tl.load(HEAD_VOFF + h).to(tl.int64) * SLOTS
             if QBITS > 0:  # offsets in code bytes / params (leank.contract)
                 koff = tl.load(HEAD_KOFF + h).to(tl.int64) * SLOTS
-                kb = (c * QBITS + 7) // 8  # code bytes per K row
+                kb = row_bytes(c, QBITS)  # code bytes per K row
                 row = b.to(tl.int64) * stride_mkb
                 if KALIGN * QBITS % 8 == 0:  # every head's row bytes, so its offset and the row stride, multiples
                     koff = tl.multiple_of(koff, KALIGN * QBITS // 8)
@@ -257,9 +257,9 @@ def _leank_decode_kernel(
                     # never read here); the stride itself is slots x the heads' row bytes.
                     row = tl.multiple_of(row, KALIGN * QBITS // 8)
                 k_base = MK + row + koff
-                v_base = MV + b.to(tl.int64) * stride_mvb + voff * (D * QBITS // 8)
+                v_base = MV + b.to(tl.int64) * stride_mvb + voff * row_bytes(D, QBITS)
                 kp_base = MKP + b.to(tl.int64) * stride_mkpb + tl.load(HEAD_KPOFF + h).to(tl.int64) * SLOTS
-                vp_base = MVP + b.to(tl.int64) * stride_mvpb + voff * ((1 if SYM else 2) * ((D + GROUP - 1) // GROUP))
+                vp_base = MVP + b.to(tl.int64) * stride_mvpb + voff * row_params(D, GROUP, SYM)
             else:
                 koff = tl.multiple_of(tl.load(HEAD_KOFF + h).to(tl.int64) * SLOTS, KALIGN)
                 k_base = MK + b.to(tl.int64) * stride_mkb + koff

@@ -23,6 +23,18 @@ from ..contract import DecodeView
 
 
 @triton.jit
+def row_bytes(n, QBITS: tl.constexpr):
+    """Code bytes of a quantised row of ``n`` values (``leank.quant.KVQuant.row_bytes``)."""
+    return (n * QBITS + 7) // 8
+
+
+@triton.jit
+def row_params(n, GROUP: tl.constexpr, SYM: tl.constexpr):
+    """Scale (and zero) entries of a quantised row of ``n`` values (``leank.quant.KVQuant.row_params``)."""
+    return (1 if SYM else 2) * ((n + GROUP - 1) // GROUP)
+
+
+@triton.jit
 def _quantize_row(x, valid, PARAM_TY: tl.constexpr, LEVELS: tl.constexpr, DP: tl.constexpr, GROUP: tl.constexpr,
                   SYM: tl.constexpr):
     """A row ``x`` fp32 ``[DP]`` (``valid`` lanes) → codes int32 ``[DP]`` (0 on invalid lanes) and
@@ -114,11 +126,10 @@ def _store_step_kernel(
         i = pos - tl.load(C0)
         if (c > 0) & (pos >= 0) & (i >= 0) & (i < SLOTS - 1):
             if QBITS > 0:  # codes and (scale, zero) pairs: leank.contract's quantised layout
-                kb = (c * QBITS + 7) // 8
-                PPG: tl.constexpr = 1 if SYM else 2  # params per group
-                kp = PPG * ((c + GROUP - 1) // GROUP)
-                VB: tl.constexpr = D * QBITS // 8
-                VP: tl.constexpr = PPG * ((D + GROUP - 1) // GROUP)
+                kb = row_bytes(c, QBITS)
+                kp = row_params(c, GROUP, SYM)
+                VB = row_bytes(D, QBITS)
+                VP = row_params(D, GROUP, SYM)
                 voff = tl.load(HEAD_VOFF + h).to(tl.int64) * SLOTS
                 _store_row(MK + b * stride_mkb + tl.load(HEAD_KOFF + h).to(tl.int64) * SLOTS + i * kb,
                            MKP + b * stride_mkpb + tl.load(HEAD_KPOFF + h).to(tl.int64) * SLOTS + i * kp,
