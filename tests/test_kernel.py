@@ -464,6 +464,25 @@ def test_an_eager_decode_step_reads_nothing_back_to_the_host(monkeypatch, quant)
     assert quiet_steps >= 30
 
 
+@pytest.mark.parametrize("case, quant", [
+    (dict(B=2, H=5, G=3, D=64, counts=[0, 5, 16, 23, 64], sink=4, recent=8, pads=[0, 37], prompt=150, programs=512,
+          store="auto"), KVQuant(4)),
+    (dict(B=2, H=4, G=2, D=96, counts=[7, 0, 95, 33], sink=2, recent=8, pads=[0, 11], prompt=90, programs=256,
+          store="triton"), KVQuant(4, 8, symmetric=True)),
+], ids=["d64-odd-int4", "d96-odd-int4g8s"])
+def test_quantised_kernel_int4_lane_mode(case, quant, monkeypatch):
+    """``LEANK_INT4_DECODE=lane``: the per-lane nibble reads for every tile width (the default splits
+    the dots by parity for tiles of 32+, covered by the tests above)."""
+    monkeypatch.setenv("LEANK_INT4_DECODE", "lane")
+    check_quantised(case, quant, torch.float32)
+
+
+def test_int4_decode_mode_is_checked(monkeypatch):
+    monkeypatch.setenv("LEANK_INT4_DECODE", "fast")
+    with pytest.raises(LeanKError, match="LEANK_INT4_DECODE must be 'split' or 'lane', got 'fast'"):
+        td.int4_split()
+
+
 def check_quantised(case: dict, quant: KVQuant, dtype: torch.dtype) -> None:
     case = dict(case)
     seed = torch.seed() % 2**31

@@ -27,7 +27,10 @@ power of two (96) is padded to the next one in the tiles, the padding lanes mask
 
 A quantised middle store (``QBITS`` 8 or 4; :mod:`leank.quant`) is dequantised in the
 middle programs' loads: codes (a byte, or a nibble of one) and the group's scale and zero
-are read and ``zero + code * scale`` computed in fp32 before the dot, in the same tiles.
+are read and ``zero + code * scale`` computed in fp32 before the dot, in the same tiles. int4
+tiles of 32 or more channels (by default, ``LEANK_INT4_DECODE=split``) read each row's bytes as a
+vector and keep the low and high nibbles apart: the dots are split by parity
+(:func:`_attend_int4_split`), so no register tile is ever interleaved.
 
 Under ``TRITON_INTERPRET=1`` (CPU tests) loaded values are cast to fp32 before any
 arithmetic: the interpreter mishandles bf16 arithmetic.
@@ -159,19 +162,113 @@ def _attend(acc, m_i, l_i, q, qk_scale, cap_scale, k_ptrs_base, v_ptrs_base, k_s
 
 
 @triton.jit
+def _dequant_halves(codes, params, rows, valid, NCOL: tl.constexpr, row_bytes, row_params, GROUP: tl.constexpr,
+                    SYM: tl.constexpr):
+    """int4 rows as two fp32 tiles ``[len(rows), NCOL / 2]``: values ``0, 2, 4, …`` (the low nibbles)
+    and ``1, 3, 5, …`` (the high ones), from one vector load of each row's ``NCOL / 2`` bytes — no
+    interleaving: the caller uses the halves apart (the dots split by parity). Groups as in
+    :func:`_dequant` (value ``2j`` and ``2j + 1`` share a group: groups are even)."""
+    BLOCK: tl.constexpr = rows.shape[0]
+    HALF: tl.constexpr = NCOL // 2
+    GW: tl.constexpr = GROUP if GROUP < NCOL else NCOL
+    NG: tl.constexpr = NCOL // GW
+    PPG: tl.constexpr = 1 if SYM else 2
+    offs_p = tl.arange(0, PPG * NG)
+    pairs = tl.load(params + rows[:, None] * row_params + offs_p[None, :],
+                    mask=valid[:, None] & (offs_p[None, :] < row_params), other=0.0).to(tl.float32)
+    if SYM:
+        scale = pairs
+    else:
+        scale, zero = tl.split(tl.reshape(pairs, (BLOCK, NG, 2)))
+    offs_b = tl.arange(0, HALF)
+    byte = tl.load(codes + rows[:, None] * row_bytes + offs_b[None, :],
+                   mask=valid[:, None] & (offs_b[None, :] < row_bytes), other=0).to(tl.int32)
+    lo = tl.reshape((byte & 15).to(tl.float32), (BLOCK, NG, GW // 2))
+    hi = tl.reshape((byte >> 4).to(tl.float32), (BLOCK, NG, GW // 2))
+    if SYM:
+        lo = (lo - 8.0) * scale[:, :, None]
+        hi = (hi - 8.0) * scale[:, :, None]
+    else:
+        lo = zero[:, :, None] + lo * scale[:, :, None]
+        hi = zero[:, :, None] + hi * scale[:, :, None]
+    return tl.reshape(lo, (BLOCK, HALF)), tl.reshape(hi, (BLOCK, HALF))
+
+
+@triton.jit
+def _attend_int4_split(acc, m_i, l_i, q_rows, gmask, chan, c, qk_scale, cap_scale, k_base, v_base, kp_base,
+                       vp_base, kb, lo, hi, D, KC: tl.constexpr, DP: tl.constexpr, HAS_CAP: tl.constexpr,
+                       BLOCK: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, GROUP: tl.constexpr,
+                       SYM: tl.constexpr):
+    """:func:`_attend` over an int4 middle store with every dot split by parity: the score is
+    ``q_even · K_even + q_odd · K_odd`` (the query gathered at the kept channels ``0, 2, …`` and
+    ``1, 3, …``), and ``P · V`` accumulates into even and odd output columns apart. The codes load
+    as vectors of bytes and are never interleaved in registers; after the loop the two halves are
+    scattered into ``acc`` by an exact dot with 0/1 matrices. Needs ``KC >= 32`` (dots of 16+)."""
+    KH: tl.constexpr = KC // 2
+    VH: tl.constexpr = DP // 2
+    offs_h = tl.arange(0, KH)
+    even, odd = 2 * offs_h < c, 2 * offs_h + 1 < c
+    ch = tl.load(chan + 2 * offs_h, mask=even, other=0)
+    q_e = tl.load(q_rows[:, None] + ch[None, :], mask=gmask[:, None] & even[None, :], other=0.0)
+    ch = tl.load(chan + 2 * offs_h + 1, mask=odd, other=0)
+    q_o = tl.load(q_rows[:, None] + ch[None, :], mask=gmask[:, None] & odd[None, :], other=0.0)
+    if UPCAST:
+        q_e, q_o = q_e.to(tl.float32), q_o.to(tl.float32)
+    kp_stride = row_params(c, GROUP, SYM)
+    vb, vp = row_bytes(D, 4), row_params(D, GROUP, SYM)
+    acc_e = tl.zeros([acc.shape[0], VH], dtype=tl.float32)
+    acc_o = tl.zeros([acc.shape[0], VH], dtype=tl.float32)
+    for start in range(lo, hi, BLOCK):
+        offs_n = start + tl.arange(0, BLOCK)
+        valid = offs_n < hi
+        rows = offs_n.to(tl.int64)
+        k_e, k_o = _dequant_halves(k_base, kp_base, rows, valid, KC, kb, kp_stride, GROUP, SYM)
+        v_e, v_o = _dequant_halves(v_base, vp_base, rows, valid, DP, vb, vp, GROUP, SYM)
+        if not UPCAST:
+            k_e, k_o, v_e, v_o = k_e.to(q_e.dtype), k_o.to(q_e.dtype), v_e.to(q_e.dtype), v_o.to(q_e.dtype)
+        s = tl.dot(q_e, tl.trans(k_e), input_precision=PREC)
+        s = tl.dot(q_o, tl.trans(k_o), s, input_precision=PREC)
+        if HAS_CAP:
+            s = _tanh(s * cap_scale) * qk_scale
+        else:
+            s = s * qk_scale
+        s = tl.where(valid[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc_e = acc_e * alpha[:, None] + tl.dot(p.to(v_e.dtype), v_e, input_precision=PREC)
+        acc_o = acc_o * alpha[:, None] + tl.dot(p.to(v_o.dtype), v_o, input_precision=PREC)
+        m_i = m_new
+    # acc[:, 2j] += acc_e[:, j], acc[:, 2j + 1] += acc_o[:, j]: one nonzero term per sum, exact in fp32.
+    offs_j = tl.arange(0, VH)
+    offs_d = tl.arange(0, DP)
+    to_even = (offs_d[None, :] == 2 * offs_j[:, None]).to(tl.float32)
+    to_odd = (offs_d[None, :] == 2 * offs_j[:, None] + 1).to(tl.float32)
+    acc = tl.dot(acc_e, to_even, acc, input_precision="ieee")
+    acc = tl.dot(acc_o, to_odd, acc, input_precision="ieee")
+    return acc, m_i, l_i
+
+
+@triton.jit
 def _middle(acc, m_i, l_i, q_rows, gmask, chan, c, k_base, v_base, lo, hi, qk_scale, cap_scale, offs_d, D,
             KC: tl.constexpr, HAS_CAP: tl.constexpr, BLOCK: tl.constexpr, UPCAST: tl.constexpr,
             PREC: tl.constexpr, kp_base, vp_base, kb, QBITS: tl.constexpr, GROUP: tl.constexpr,
-            SYM: tl.constexpr):
+            SYM: tl.constexpr, SPLIT4: tl.constexpr, DP: tl.constexpr):
     """Middle tokens of one head keeping ``c <= KC`` channels: the query gathered at the
-    kept channels ``[GP, KC]``, K rows ``kb`` wide (``c`` values; quantised: ``ceil(c * QBITS / 8)`` code bytes)."""
+    kept channels ``[GP, KC]``, K rows ``kb`` wide (``c`` values; quantised: ``ceil(c * QBITS / 8)`` code bytes).
+    int4 with ``SPLIT4`` and tiles of 32+: :func:`_attend_int4_split`."""
     offs_kc = tl.arange(0, KC)
     cmask = offs_kc < c
     ch = tl.load(chan + offs_kc, mask=cmask, other=0)
     q = tl.load(q_rows[:, None] + ch[None, :], mask=gmask[:, None] & cmask[None, :], other=0.0)
     # One return after a compile-time if/else: an early return inside the ``if`` would still
     # compile the plain path below it for 8-bit pointers (tl.dot then refuses K < 32).
-    if QBITS > 0:
+    if QBITS == 4 and SPLIT4 and KC >= 32:
+        acc, m_i, l_i = _attend_int4_split(acc, m_i, l_i, q_rows, gmask, chan, c, qk_scale, cap_scale, k_base,
+                                           v_base, kp_base, vp_base, kb, lo, hi, D, KC, DP, HAS_CAP, BLOCK, UPCAST,
+                                           PREC, GROUP, SYM)
+    elif QBITS > 0:
         if UPCAST:
             q = q.to(tl.float32)
         acc, m_i, l_i = _attend(acc, m_i, l_i, q, qk_scale, cap_scale, k_base, v_base, kb, lo, hi,
@@ -195,7 +292,7 @@ def _leank_decode_kernel(
     SUMCD, MAXCD, MIN_BUDGET, PROGRAMS,
     G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, BLOCK: tl.constexpr,
     KALIGN: tl.constexpr, HAS_SINK: tl.constexpr, HAS_CAP: tl.constexpr, UPCAST: tl.constexpr,
-    PREC: tl.constexpr, QBITS: tl.constexpr, GROUP: tl.constexpr, SYM: tl.constexpr,
+    PREC: tl.constexpr, QBITS: tl.constexpr, GROUP: tl.constexpr, SYM: tl.constexpr, SPLIT4: tl.constexpr,
 ):
     bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -272,19 +369,19 @@ def _leank_decode_kernel(
             if c <= 16:
                 acc, m_i, l_i = _middle(acc, m_i, l_i, q_rows, gmask, chan, c, k_base, v_base, lo, hi, qk_scale,
                                         cap_scale, offs_d, D, 16, HAS_CAP, BLOCK, UPCAST, PREC, kp_base,
-                                        vp_base, kb, QBITS, GROUP, SYM)
+                                        vp_base, kb, QBITS, GROUP, SYM, SPLIT4, DP)
             elif c <= 32:
                 acc, m_i, l_i = _middle(acc, m_i, l_i, q_rows, gmask, chan, c, k_base, v_base, lo, hi, qk_scale,
                                         cap_scale, offs_d, D, 32, HAS_CAP, BLOCK, UPCAST, PREC, kp_base,
-                                        vp_base, kb, QBITS, GROUP, SYM)
+                                        vp_base, kb, QBITS, GROUP, SYM, SPLIT4, DP)
             elif c <= 64:
                 acc, m_i, l_i = _middle(acc, m_i, l_i, q_rows, gmask, chan, c, k_base, v_base, lo, hi, qk_scale,
                                         cap_scale, offs_d, D, 64, HAS_CAP, BLOCK, UPCAST, PREC, kp_base,
-                                        vp_base, kb, QBITS, GROUP, SYM)
+                                        vp_base, kb, QBITS, GROUP, SYM, SPLIT4, DP)
             else:
                 acc, m_i, l_i = _middle(acc, m_i, l_i, q_rows, gmask, chan, c, k_base, v_base, lo, hi, qk_scale,
                                         cap_scale, offs_d, D, DP, HAS_CAP, BLOCK, UPCAST, PREC, kp_base,
-                                        vp_base, kb, QBITS, GROUP, SYM)
+                                        vp_base, kb, QBITS, GROUP, SYM, SPLIT4, DP)
 
     # Partial result of this program: o = acc / l and lse = m + log2(l) (-inf when empty).
     has = l_i > 0
@@ -327,6 +424,17 @@ def _sm_count(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return 4
+
+
+def int4_split() -> bool:
+    """How the int4 middle is read: ``LEANK_INT4_DECODE=split`` (default; codes as byte vectors,
+    dots split by parity: :func:`_attend_int4_split`) or ``lane`` (each lane loads its byte and
+    shifts out its nibble: the formulation the H200 ran correctly first). Both are tested; the
+    switch exists to time them side by side."""
+    mode = os.environ.get("LEANK_INT4_DECODE", "split")
+    if mode not in ("split", "lane"):
+        raise LeanKError(f"LEANK_INT4_DECODE must be 'split' or 'lane', got {mode!r}")
+    return mode == "split"
 
 
 def kernel_config(D: int) -> tuple[int, int, int, float]:
@@ -430,6 +538,7 @@ def decode_attention_triton(
         HAS_SINK=view.sink > 0, HAS_CAP=bool(softcap), UPCAST=INTERPRET or query.dtype == torch.float32,
         PREC="ieee" if query.dtype == torch.float32 else "tf32",
         QBITS=view.quant_bits, GROUP=min(view.quant_group, DP) if view.quant_bits else 1, SYM=view.quant_symmetric,
+        SPLIT4=int4_split(),
         num_warps=p.warps, num_stages=p.stages,
     )
     _merge_kernel[(B * Hq,)](ws_o, ws_l, sinks if sinks is not None else ws_l, out, out.stride(0), out.stride(1),
