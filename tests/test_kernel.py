@@ -464,17 +464,24 @@ def test_an_eager_decode_step_reads_nothing_back_to_the_host(monkeypatch, quant)
     assert quiet_steps >= 30
 
 
+D64_ODD = dict(B=2, H=5, G=3, D=64, counts=[0, 5, 16, 23, 64], sink=4, recent=8, pads=[0, 37], prompt=150,
+               programs=512, store="auto")
+D96_ODD = dict(B=2, H=4, G=2, D=96, counts=[7, 0, 95, 33], sink=2, recent=8, pads=[0, 11], prompt=90, programs=256,
+               store="triton")
+D128 = dict(B=1, H=4, G=4, D=128, counts=[48, 112, 16, 80], sink=2, recent=16, pads=[0], prompt=83, programs=None,
+            max_length=200, store="triton")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case, quant", [
-    (dict(B=2, H=5, G=3, D=64, counts=[0, 5, 16, 23, 64], sink=4, recent=8, pads=[0, 37], prompt=150, programs=512,
-          store="auto"), KVQuant(4)),
-    (dict(B=2, H=4, G=2, D=96, counts=[7, 0, 95, 33], sink=2, recent=8, pads=[0, 11], prompt=90, programs=256,
-          store="triton"), KVQuant(4, 8, symmetric=True)),
-], ids=["d64-odd-int4", "d96-odd-int4g8s"])
-def test_quantised_kernel_int4_lane_mode(case, quant, monkeypatch):
-    """``LEANK_INT4_DECODE=lane``: the per-lane nibble reads for every tile width (the default splits
-    the dots by parity for tiles of 32+, covered by the tests above)."""
-    monkeypatch.setenv("LEANK_INT4_DECODE", "lane")
-    check_quantised(case, quant, torch.float32)
+    (D64_ODD, KVQuant(4)), (D64_ODD, KVQuant(4, 16)), (D64_ODD, KVQuant(4, 32, symmetric=True)),
+    (D96_ODD, KVQuant(4, 8)), (D96_ODD, KVQuant(4, 8, symmetric=True)), (D128, KVQuant(4, 64)),
+], ids=["d64-odd-int4", "d64-odd-int4g16", "d64-odd-int4s", "d96-odd-int4g8", "d96-odd-int4g8s", "d128-int4g64"])
+def test_quantised_kernel_int4_split_mode(case, quant, dtype, monkeypatch):
+    """``LEANK_INT4_DECODE=split``: int4 tiles of 32+ channels read as byte vectors with the dots
+    split by parity (tiles of 16 keep the per-lane reads the tests above cover)."""
+    monkeypatch.setenv("LEANK_INT4_DECODE", "split")
+    check_quantised(case, quant, dtype)
 
 
 def test_int4_decode_mode_is_checked(monkeypatch):

@@ -28,9 +28,9 @@ power of two (96) is padded to the next one in the tiles, the padding lanes mask
 A quantised middle store (``QBITS`` 8 or 4; :mod:`leank.quant`) is dequantised in the
 middle programs' loads: codes (a byte, or a nibble of one) and the group's scale and zero
 are read and ``zero + code * scale`` computed in fp32 before the dot, in the same tiles. int4
-tiles of 32 or more channels (by default, ``LEANK_INT4_DECODE=split``) read each row's bytes as a
-vector and keep the low and high nibbles apart: the dots are split by parity
-(:func:`_attend_int4_split`), so no register tile is ever interleaved.
+tiles of 32 or more channels can instead (``LEANK_INT4_DECODE=split``; the default ``lane`` reads
+a byte per lane) read each row's bytes as a vector and keep the low and high nibbles apart: the
+dots are split by parity (:func:`_attend_int4_split`), so no register tile is ever interleaved.
 
 Under ``TRITON_INTERPRET=1`` (CPU tests) loaded values are cast to fp32 before any
 arithmetic: the interpreter mishandles bf16 arithmetic.
@@ -427,11 +427,11 @@ def _sm_count(device: torch.device) -> int:
 
 
 def int4_split() -> bool:
-    """How the int4 middle is read: ``LEANK_INT4_DECODE=split`` (default; codes as byte vectors,
-    dots split by parity: :func:`_attend_int4_split`) or ``lane`` (each lane loads its byte and
-    shifts out its nibble: the formulation the H200 ran correctly first). Both are tested; the
-    switch exists to time them side by side."""
-    mode = os.environ.get("LEANK_INT4_DECODE", "split")
+    """How the int4 middle is read: ``LEANK_INT4_DECODE=lane`` (default: each lane loads its byte
+    and shifts out its nibble, the formulation the H200 ran correctly first) or ``split`` (codes as
+    byte vectors, dots split by parity: :func:`_attend_int4_split`; not yet run on a GPU). Both are
+    tested; the switch exists to time them side by side before one becomes the only path."""
+    mode = os.environ.get("LEANK_INT4_DECODE", "lane")
     if mode not in ("split", "lane"):
         raise LeanKError(f"LEANK_INT4_DECODE must be 'split' or 'lane', got {mode!r}")
     return mode == "split"
