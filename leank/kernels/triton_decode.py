@@ -110,6 +110,22 @@ def _dequant(codes, params, rows, valid, cols, n, row_bytes, row_params, QBITS: 
 
 
 @triton.jit
+def _softmax_step(s, valid, m_i, l_i, qk_scale, cap_scale, HAS_CAP: tl.constexpr):
+    """One online-softmax step over a tile of raw dot products ``s`` ``[GP, BLOCK]`` (columns not
+    ``valid`` masked): the scores scaled (or soft-capped) into base 2, then the tile's weights
+    ``p``, the factor ``alpha`` that rescales what was accumulated, and the new running max and sum."""
+    if HAS_CAP:
+        s = _tanh(s * cap_scale) * qk_scale
+    else:
+        s = s * qk_scale
+    s = tl.where(valid[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    return p, alpha, m_new, l_i * alpha + tl.sum(p, 1)
+
+
+@triton.jit
 def _attend(acc, m_i, l_i, q, qk_scale, cap_scale, k_ptrs_base, v_ptrs_base, k_stride, lo, hi, offs_kc, k_cols,
             offs_d, D, WRAP, RINGED: tl.constexpr, HAS_CAP: tl.constexpr, BLOCK: tl.constexpr,
             UPCAST: tl.constexpr, PREC: tl.constexpr, kp_base=None, vp_base=None, kp_stride=0,
@@ -147,17 +163,8 @@ def _attend(acc, m_i, l_i, q, qk_scale, cap_scale, k_ptrs_base, v_ptrs_base, k_s
                 k = k.to(tl.float32)
                 v = v.to(tl.float32)
         s = tl.dot(q.to(k.dtype), tl.trans(k), input_precision=PREC)
-        if HAS_CAP:
-            s = _tanh(s * cap_scale) * qk_scale
-        else:
-            s = s * qk_scale
-        s = tl.where(valid[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
+        p, alpha, m_i, l_i = _softmax_step(s, valid, m_i, l_i, qk_scale, cap_scale, HAS_CAP)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
-        m_i = m_new
     return acc, m_i, l_i
 
 
@@ -228,18 +235,9 @@ def _attend_int4_split(acc, m_i, l_i, q_rows, gmask, chan, c, qk_scale, cap_scal
             k_e, k_o, v_e, v_o = k_e.to(q_e.dtype), k_o.to(q_e.dtype), v_e.to(q_e.dtype), v_o.to(q_e.dtype)
         s = tl.dot(q_e, tl.trans(k_e), input_precision=PREC)
         s = tl.dot(q_o, tl.trans(k_o), s, input_precision=PREC)
-        if HAS_CAP:
-            s = _tanh(s * cap_scale) * qk_scale
-        else:
-            s = s * qk_scale
-        s = tl.where(valid[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
+        p, alpha, m_i, l_i = _softmax_step(s, valid, m_i, l_i, qk_scale, cap_scale, HAS_CAP)
         acc_e = acc_e * alpha[:, None] + tl.dot(p.to(v_e.dtype), v_e, input_precision=PREC)
         acc_o = acc_o * alpha[:, None] + tl.dot(p.to(v_o.dtype), v_o, input_precision=PREC)
-        m_i = m_new
     # acc[:, 2j] += acc_e[:, j], acc[:, 2j + 1] += acc_o[:, j]: one nonzero term per sum, exact in fp32.
     offs_j = tl.arange(0, VH)
     offs_d = tl.arange(0, DP)
