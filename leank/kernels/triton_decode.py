@@ -70,6 +70,21 @@ def _tanh(x):
 
 
 @triton.jit
+def _group_params(params, rows, valid, row_params, NG: tl.constexpr, SYM: tl.constexpr):
+    """Per-group scales and zeros ``[len(rows), NG]`` of a tile's rows, each row's (scale, zero)
+    pairs (``SYM``: scales; the zeros returned are the scales again, unused) as one vector load."""
+    PPG: tl.constexpr = 1 if SYM else 2  # params per group: (scale, zero), or the scale alone
+    offs_p = tl.arange(0, PPG * NG)
+    pairs = tl.load(params + rows[:, None] * row_params + offs_p[None, :],
+                    mask=valid[:, None] & (offs_p[None, :] < row_params), other=0.0).to(tl.float32)
+    if SYM:
+        scale, zero = pairs, pairs
+    else:
+        scale, zero = tl.split(tl.reshape(pairs, (rows.shape[0], NG, 2)))
+    return scale, zero
+
+
+@triton.jit
 def _dequant(codes, params, rows, valid, cols, n, row_bytes, row_params, QBITS: tl.constexpr, GROUP: tl.constexpr,
              SYM: tl.constexpr):
     """fp32 values ``[len(rows), len(cols)]`` (``cols`` = ``arange(0, NCOL)``) of quantised rows:
@@ -84,14 +99,7 @@ def _dequant(codes, params, rows, valid, cols, n, row_bytes, row_params, QBITS: 
     NCOL: tl.constexpr = cols.shape[0]
     GW: tl.constexpr = GROUP if GROUP < NCOL else NCOL  # values per scale within this tile
     NG: tl.constexpr = NCOL // GW
-    PPG: tl.constexpr = 1 if SYM else 2  # params per group: (scale, zero), or the scale alone
-    offs_p = tl.arange(0, PPG * NG)
-    pairs = tl.load(params + rows[:, None] * row_params + offs_p[None, :],
-                    mask=valid[:, None] & (offs_p[None, :] < row_params), other=0.0).to(tl.float32)
-    if SYM:
-        scale = pairs
-    else:
-        scale, zero = tl.split(tl.reshape(pairs, (BLOCK, NG, 2)))
+    scale, zero = _group_params(params, rows, valid, row_params, NG, SYM)
     if QBITS == 8:
         code = tl.load(codes + rows[:, None] * row_bytes + cols[None, :], mask=valid[:, None] & (cols[None, :] < n),
                        other=0).to(tl.float32)
@@ -179,14 +187,7 @@ def _dequant_halves(codes, params, rows, valid, NCOL: tl.constexpr, row_bytes, r
     HALF: tl.constexpr = NCOL // 2
     GW: tl.constexpr = GROUP if GROUP < NCOL else NCOL
     NG: tl.constexpr = NCOL // GW
-    PPG: tl.constexpr = 1 if SYM else 2
-    offs_p = tl.arange(0, PPG * NG)
-    pairs = tl.load(params + rows[:, None] * row_params + offs_p[None, :],
-                    mask=valid[:, None] & (offs_p[None, :] < row_params), other=0.0).to(tl.float32)
-    if SYM:
-        scale = pairs
-    else:
-        scale, zero = tl.split(tl.reshape(pairs, (BLOCK, NG, 2)))
+    scale, zero = _group_params(params, rows, valid, row_params, NG, SYM)
     offs_b = tl.arange(0, HALF)
     byte = tl.load(codes + rows[:, None] * row_bytes + offs_b[None, :],
                    mask=valid[:, None] & (offs_b[None, :] < row_bytes), other=0).to(tl.int32)
