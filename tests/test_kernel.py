@@ -519,7 +519,8 @@ def test_kernel_compiles_for_sm90():
     symmetric) in fp16/bf16, a plain bf16 one, a
     layer with no middle store (its stride of 1 becomes a constant), one middle byte, and head_dim
     96 with odd counts; with counts that are multiples of 16 int8 codes load as vectors (no byte
-    loads: the alignment hints hold). int4 codes load a byte per lane (see ``_dequant``)."""
+    loads: the alignment hints hold). int4 codes load a byte per lane (see ``_dequant``), or as byte
+    vectors with ``LEANK_INT4_DECODE=split`` (compiled as well)."""
     import os
     import subprocess
     import sys
@@ -535,3 +536,14 @@ def test_kernel_compiles_for_sm90():
     lines = {line.split(": ")[0]: line for line in proc.stdout.splitlines() if ": compiled" in line}
     assert proc.returncode == 0 and set(lines) == set(cases), proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "'b8'" not in lines["8:float16"], lines["8:float16"]
+    # the opt-in int4 reads (LEANK_INT4_DECODE=split) compile too, and load fewer single bytes
+    split = ["4:bfloat16", "4s:float16:odd"]
+    proc = subprocess.run([sys.executable, "-m", "tests.sm90_compile", *split], cwd=root,
+                          env={**env, "LEANK_INT4_DECODE": "split"}, capture_output=True, text=True, timeout=600)
+    split_lines = {line.split(": ")[0]: line for line in proc.stdout.splitlines() if ": compiled" in line}
+    assert proc.returncode == 0 and set(split_lines) == set(split), proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    def byte_loads(line: str) -> int:
+        return int(line.split("'b8': ")[1].split(",")[0]) if "'b8': " in line else 0
+
+    assert byte_loads(split_lines["4:bfloat16"]) < byte_loads(lines["4:bfloat16"]), (split_lines, lines)
