@@ -203,15 +203,16 @@ def _dequant_halves(codes, params, rows, valid, NCOL: tl.constexpr, row_bytes, r
 
 
 @triton.jit
-def _attend_int4_split(acc, m_i, l_i, q_rows, gmask, chan, c, qk_scale, cap_scale, k_base, v_base, kp_base,
-                       vp_base, kb, lo, hi, D, KC: tl.constexpr, DP: tl.constexpr, HAS_CAP: tl.constexpr,
+def _attend_int4_split(m_i, l_i, q_rows, gmask, chan, c, qk_scale, cap_scale, k_base, v_base, kp_base,
+                       vp_base, kb, lo, hi, D, o_rows, KC: tl.constexpr, DP: tl.constexpr, HAS_CAP: tl.constexpr,
                        BLOCK: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, GROUP: tl.constexpr,
-                       SYM: tl.constexpr):
+                       SYM: tl.constexpr, GP: tl.constexpr):
     """:func:`_attend` over an int4 middle store with every dot split by parity: the score is
     ``q_even · K_even + q_odd · K_odd`` (the query gathered at the kept channels ``0, 2, …`` and
     ``1, 3, …``), and ``P · V`` accumulates into even and odd output columns apart. The codes load
-    as vectors of bytes and are never interleaved in registers; after the loop the two halves are
-    scattered into ``acc`` by an exact dot with 0/1 matrices. Needs ``KC >= 32`` (dots of 16+)."""
+    as vectors of bytes and are never interleaved in registers; the program's partial output is
+    written here, the two halves to the even and odd columns of its workspace rows ``o_rows``
+    (``[GP]`` pointers), so the caller writes only the log-sum-exp. Needs ``KC >= 32`` (dots of 16+)."""
     KH: tl.constexpr = KC // 2
     VH: tl.constexpr = DP // 2
     offs_h = tl.arange(0, KH)
@@ -224,8 +225,8 @@ def _attend_int4_split(acc, m_i, l_i, q_rows, gmask, chan, c, qk_scale, cap_scal
         q_e, q_o = q_e.to(tl.float32), q_o.to(tl.float32)
     kp_stride = row_params(c, GROUP, SYM)
     vb, vp = row_bytes(D, 4), row_params(D, GROUP, SYM)
-    acc_e = tl.zeros([acc.shape[0], VH], dtype=tl.float32)
-    acc_o = tl.zeros([acc.shape[0], VH], dtype=tl.float32)
+    acc_e = tl.zeros([GP, VH], dtype=tl.float32)
+    acc_o = tl.zeros([GP, VH], dtype=tl.float32)
     for start in range(lo, hi, BLOCK):
         offs_n = start + tl.arange(0, BLOCK)
         valid = offs_n < hi
@@ -239,24 +240,23 @@ def _attend_int4_split(acc, m_i, l_i, q_rows, gmask, chan, c, qk_scale, cap_scal
         p, alpha, m_i, l_i = _softmax_step(s, valid, m_i, l_i, qk_scale, cap_scale, HAS_CAP)
         acc_e = acc_e * alpha[:, None] + tl.dot(p.to(v_e.dtype), v_e, input_precision=PREC)
         acc_o = acc_o * alpha[:, None] + tl.dot(p.to(v_o.dtype), v_o, input_precision=PREC)
-    # acc[:, 2j] += acc_e[:, j], acc[:, 2j + 1] += acc_o[:, j]: one nonzero term per sum, exact in fp32.
-    offs_j = tl.arange(0, VH)
-    offs_d = tl.arange(0, DP)
-    to_even = (offs_d[None, :] == 2 * offs_j[:, None]).to(tl.float32)
-    to_odd = (offs_d[None, :] == 2 * offs_j[:, None] + 1).to(tl.float32)
-    acc = tl.dot(acc_e, to_even, acc, input_precision="ieee")
-    acc = tl.dot(acc_o, to_odd, acc, input_precision="ieee")
-    return acc, m_i, l_i
+    has = l_i > 0
+    inv = tl.where(has, 1.0 / tl.where(has, l_i, 1.0), 0.0)[:, None]
+    cols = 2 * tl.arange(0, VH)
+    tl.store(o_rows[:, None] + cols[None, :], acc_e * inv, mask=gmask[:, None])
+    tl.store(o_rows[:, None] + cols[None, :] + 1, acc_o * inv, mask=gmask[:, None])
+    return m_i, l_i
 
 
 @triton.jit
 def _middle(acc, m_i, l_i, q_rows, gmask, chan, c, k_base, v_base, lo, hi, qk_scale, cap_scale, offs_d, D,
             KC: tl.constexpr, HAS_CAP: tl.constexpr, BLOCK: tl.constexpr, UPCAST: tl.constexpr,
             PREC: tl.constexpr, kp_base, vp_base, kb, QBITS: tl.constexpr, GROUP: tl.constexpr,
-            SYM: tl.constexpr, SPLIT4: tl.constexpr, DP: tl.constexpr):
+            SYM: tl.constexpr, SPLIT4: tl.constexpr, DP: tl.constexpr, o_rows, written):
     """Middle tokens of one head keeping ``c <= KC`` channels: the query gathered at the
     kept channels ``[GP, KC]``, K rows ``kb`` wide (``c`` values; quantised: ``ceil(c * QBITS / 8)`` code bytes).
-    int4 with ``SPLIT4`` and tiles of 32+: :func:`_attend_int4_split`."""
+    int4 with ``SPLIT4`` and tiles of 32+: :func:`_attend_int4_split`, which writes the partial output
+    itself (``written`` comes back true: the caller then writes only the log-sum-exp)."""
     offs_kc = tl.arange(0, KC)
     cmask = offs_kc < c
     ch = tl.load(chan + offs_kc, mask=cmask, other=0)
@@ -264,9 +264,10 @@ def _middle(acc, m_i, l_i, q_rows, gmask, chan, c, k_base, v_base, lo, hi, qk_sc
     # One return after a compile-time if/else: an early return inside the ``if`` would still
     # compile the plain path below it for 8-bit pointers (tl.dot then refuses K < 32).
     if QBITS == 4 and SPLIT4 and KC >= 32:
-        acc, m_i, l_i = _attend_int4_split(acc, m_i, l_i, q_rows, gmask, chan, c, qk_scale, cap_scale, k_base,
-                                           v_base, kp_base, vp_base, kb, lo, hi, D, KC, DP, HAS_CAP, BLOCK, UPCAST,
-                                           PREC, GROUP, SYM)
+        m_i, l_i = _attend_int4_split(m_i, l_i, q_rows, gmask, chan, c, qk_scale, cap_scale, k_base, v_base, kp_base,
+                                      vp_base, kb, lo, hi, D, o_rows, KC, DP, HAS_CAP, BLOCK, UPCAST, PREC, GROUP,
+                                      SYM, acc.shape[0])
+        written = written | True
     elif QBITS > 0:
         if UPCAST:
             q = q.to(tl.float32)
@@ -276,7 +277,7 @@ def _middle(acc, m_i, l_i, q_rows, gmask, chan, c, k_base, v_base, lo, hi, qk_sc
     else:
         acc, m_i, l_i = _attend(acc, m_i, l_i, q, qk_scale, cap_scale, k_base, v_base, kb, lo, hi, offs_kc, c, offs_d,
                                 D, 1, False, HAS_CAP, BLOCK, UPCAST, PREC)
-    return acc, m_i, l_i
+    return acc, m_i, l_i, written
 
 
 @triton.jit(do_not_specialize=["S", "RING", "SLOTS", "B_ROWS", "NS", "SUMCD", "MAXCD", "MIN_BUDGET", "PROGRAMS"])
@@ -309,6 +310,8 @@ def _leank_decode_kernel(
     acc = tl.zeros([GP, DP], dtype=tl.float32)
     m_i = tl.full([GP], _NEG, dtype=tl.float32)
     l_i = tl.zeros([GP], dtype=tl.float32)
+    ws_rows = (bh * G + offs_g).to(tl.int64) * (NS + 1) + split  # this program's workspace rows
+    written = tl.zeros([], dtype=tl.int1)  # true when the middle pass wrote its partial output itself
 
     if split == NS:
         # Sink and ring: full K and V. Ring position p lives in slot p % RING.
@@ -366,29 +369,32 @@ def _leank_decode_kernel(
             chan = HEAD_CHAN + h * D
             # The kept count picks a tile width (a compile-time constant): 16, 32, 64 or DP.
             if c <= 16:
-                acc, m_i, l_i = _middle(acc, m_i, l_i, q_rows, gmask, chan, c, k_base, v_base, lo, hi, qk_scale,
-                                        cap_scale, offs_d, D, 16, HAS_CAP, BLOCK, UPCAST, PREC, kp_base,
-                                        vp_base, kb, QBITS, GROUP, SYM, SPLIT4, DP)
+                acc, m_i, l_i, written = _middle(
+                    acc, m_i, l_i, q_rows, gmask, chan, c, k_base, v_base, lo, hi, qk_scale, cap_scale, offs_d, D,
+                    16, HAS_CAP, BLOCK, UPCAST, PREC, kp_base, vp_base, kb, QBITS, GROUP, SYM, SPLIT4, DP,
+                    WS_O + ws_rows * DP, written)
             elif c <= 32:
-                acc, m_i, l_i = _middle(acc, m_i, l_i, q_rows, gmask, chan, c, k_base, v_base, lo, hi, qk_scale,
-                                        cap_scale, offs_d, D, 32, HAS_CAP, BLOCK, UPCAST, PREC, kp_base,
-                                        vp_base, kb, QBITS, GROUP, SYM, SPLIT4, DP)
+                acc, m_i, l_i, written = _middle(
+                    acc, m_i, l_i, q_rows, gmask, chan, c, k_base, v_base, lo, hi, qk_scale, cap_scale, offs_d, D,
+                    32, HAS_CAP, BLOCK, UPCAST, PREC, kp_base, vp_base, kb, QBITS, GROUP, SYM, SPLIT4, DP,
+                    WS_O + ws_rows * DP, written)
             elif c <= 64:
-                acc, m_i, l_i = _middle(acc, m_i, l_i, q_rows, gmask, chan, c, k_base, v_base, lo, hi, qk_scale,
-                                        cap_scale, offs_d, D, 64, HAS_CAP, BLOCK, UPCAST, PREC, kp_base,
-                                        vp_base, kb, QBITS, GROUP, SYM, SPLIT4, DP)
+                acc, m_i, l_i, written = _middle(
+                    acc, m_i, l_i, q_rows, gmask, chan, c, k_base, v_base, lo, hi, qk_scale, cap_scale, offs_d, D,
+                    64, HAS_CAP, BLOCK, UPCAST, PREC, kp_base, vp_base, kb, QBITS, GROUP, SYM, SPLIT4, DP,
+                    WS_O + ws_rows * DP, written)
             else:
-                acc, m_i, l_i = _middle(acc, m_i, l_i, q_rows, gmask, chan, c, k_base, v_base, lo, hi, qk_scale,
-                                        cap_scale, offs_d, D, DP, HAS_CAP, BLOCK, UPCAST, PREC, kp_base,
-                                        vp_base, kb, QBITS, GROUP, SYM, SPLIT4, DP)
+                acc, m_i, l_i, written = _middle(
+                    acc, m_i, l_i, q_rows, gmask, chan, c, k_base, v_base, lo, hi, qk_scale, cap_scale, offs_d, D,
+                    DP, HAS_CAP, BLOCK, UPCAST, PREC, kp_base, vp_base, kb, QBITS, GROUP, SYM, SPLIT4, DP,
+                    WS_O + ws_rows * DP, written)
 
     # Partial result of this program: o = acc / l and lse = m + log2(l) (-inf when empty).
     has = l_i > 0
     o = tl.where(has[:, None], acc / tl.where(has, l_i, 1.0)[:, None], 0.0)
     lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
-    rows = (bh * G + offs_g).to(tl.int64) * (NS + 1)
-    tl.store(WS_O + (rows + split)[:, None] * DP + offs_d[None, :], o, mask=gmask[:, None])
-    tl.store(WS_L + rows + split, lse, mask=gmask)
+    tl.store(WS_O + ws_rows[:, None] * DP + offs_d[None, :], o, mask=gmask[:, None] & ~written)
+    tl.store(WS_L + ws_rows, lse, mask=gmask)
 
 
 @triton.jit
