@@ -366,13 +366,14 @@ def run_eval_in_processes(cfg: EvalConfig, jobs: int, *, progress: bool = True) 
     methods run side by side at nearly the speed of one: on an H200, seven SmolLM2 evaluations at
     once each kept 3.5–8 samples/s (docs/LOG.md). Each process loads the model itself; a method that
     fails does not stop the others, and the failures are raised together at the end (finished runs
-    are kept: the same command resumes).
+    are kept: the same command resumes). Ctrl-C stops every process at once.
     """
     import concurrent.futures as cf
     import multiprocessing as mp
 
     failed = []
-    with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as pool:
+    pool = cf.ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn"), initializer=_ignore_sigint)
+    try:
         futures = {pool.submit(_eval_one, replace(cfg, methods=(method,))): method for method in cfg.methods}
         bar = tqdm(cf.as_completed(futures), total=len(futures), desc="methods", unit="method", disable=not progress)
         for future in bar:
@@ -382,6 +383,15 @@ def run_eval_in_processes(cfg: EvalConfig, jobs: int, *, progress: bool = True) 
                 bar.write(f"finished {method}")
             except Exception as e:  # noqa: BLE001 - reported with the method's name, the others go on
                 failed.append(f"{method}: {e if isinstance(e, LeanKError) else f'{type(e).__name__}: {e}'}")
+    except BaseException:  # Ctrl-C (the workers ignore it): nothing new starts, the running ones stop
+        workers = list((pool._processes or {}).values())  # shutdown forgets them
+        pool.shutdown(wait=False, cancel_futures=True)
+        for process in workers:
+            process.terminate()
+        for process in workers:
+            process.join(timeout=10)
+        raise
+    pool.shutdown()
     write_summary(cfg.out)
     if failed:
         raise LeanKError("; ".join(failed))
@@ -390,4 +400,12 @@ def run_eval_in_processes(cfg: EvalConfig, jobs: int, *, progress: bool = True) 
 
 def _eval_one(cfg: EvalConfig) -> None:
     run_eval(cfg, progress=False)
+
+
+def _ignore_sigint() -> None:
+    """In each worker: Ctrl-C is the parent's to handle (it cancels what has not started and
+    ends the workers; finished runs are on disk, and the same command resumes)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 

@@ -72,6 +72,37 @@ def test_eval_jobs_runs_methods_in_processes_with_the_same_results(tiny_lm, toke
     assert len(json.loads((tmp_path / "two" / "results.json").read_text())["results"]) == 4
 
 
+def test_eval_jobs_ctrl_c_stops_every_process(tiny_lm, tokenizer, tmp_path, monkeypatch):
+    """Ctrl-C while methods run in processes: nothing new starts and the running ones end (before,
+    interrupted workers went on to the next method until every method had run)."""
+    import concurrent.futures
+    import multiprocessing
+
+    from leank.eval.runner import EvalConfig, run_eval_in_processes
+
+    model_dir = tmp_path / "model"
+    tiny_lm.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    as_completed = concurrent.futures.as_completed
+
+    def interrupted_after_one(futures, *args, **kwargs):
+        for future in as_completed(futures, *args, **kwargs):
+            yield future
+            raise KeyboardInterrupt  # as if Ctrl-C came while the others wait or run
+
+    monkeypatch.setattr(concurrent.futures, "as_completed", interrupted_after_one)
+    methods = ("full", "think:0.5", "magnitude:0.5", "random:0.5")
+    cfg = EvalConfig(model=str(model_dir), methods=methods, tasks=("fwe",), lengths=(640,), samples=2, batch_size=2,
+                     out=tmp_path / "out", device="cpu")
+    with pytest.raises(KeyboardInterrupt):
+        run_eval_in_processes(cfg, 1, progress=False)
+    for child in multiprocessing.active_children():
+        child.join(timeout=10)
+    assert not multiprocessing.active_children()
+    finished = list((tmp_path / "out").glob("*/*/*/metrics.json"))
+    assert 1 <= len(finished) < len(methods)
+
+
 def test_eval_command_refuses_bad_input_before_loading():
     args = parse(["eval", "--model", "/no/such/model", "--methods", "full", "thinkk:0.7"])
     with pytest.raises(LeanKError, match="unknown method"):
