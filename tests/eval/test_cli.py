@@ -110,3 +110,6 @@ def test_eval_command_refuses_bad_input_before_loading():
     args = parse(["eval", "--model", "/no/such/model", "--methods", "full", "--agreement", "--agreement-steps", "0"])
     with pytest.raises(LeanKError, match="agreement steps"):
         args.run(args)
+    args = parse(["eval", "--model", "/no/such/model", "--methods", "full", "think:0.7", "--jobs", "0"])
+    with pytest.raises(LeanKError, match="--jobs must be at least 1, got 0"):
+        args.run(args)
