@@ -125,6 +125,22 @@ def _cache_lock(directory: Path):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+ABANDONED_AFTER_S = 3600.0  # a conversion takes seconds to a minute; an older temporary was left by a killed one
+
+
+def _remove_abandoned(directory: Path, prefix: str) -> None:
+    """Temporary conversions (``prefix*``) that no process has written to for an hour: left by a
+    conversion that was killed (each is the size of the model)."""
+    import time
+
+    for path in directory.glob(prefix + "*"):
+        try:
+            if path.is_dir() and time.time() - path.stat().st_mtime > ABANDONED_AFTER_S:
+                shutil.rmtree(path, ignore_errors=True)
+        except OSError:  # another process removed it first
+            continue
+
+
 def smollm2_dir() -> Path:
     """Directory with SmolLM2-135M as safetensors, converted from the GGUF on first use.
 
@@ -132,6 +148,7 @@ def smollm2_dir() -> Path:
     converts into its own temporary directory; the first to finish moves it into place (under a
     lock), and the others keep that one: a complete conversion is never removed."""
     target = cache_dir() / "models" / SMOLLM2_ALIAS
+    _remove_abandoned(target.parent, f".{SMOLLM2_ALIAS}.")
     if _converted(target):
         return target
     model, tokenizer = _load_gguf(smollm2_gguf_path())

@@ -99,3 +99,26 @@ def test_the_move_into_place_waits_for_the_lock(cache, monkeypatch):
     assert queue.get(timeout=5) == str(cache)
     assert (cache / "model.safetensors").read_text() == "theirs"
     assert sorted(p.name for p in cache.parent.iterdir()) == [".lock", models.SMOLLM2_ALIAS]
+
+
+def test_a_killed_conversions_leftover_is_removed_by_the_next(cache, monkeypatch):
+    """A conversion killed mid-save leaves its temporary directory (the size of the model); the
+    next use of the cache removes such leftovers once no one has written to them for an hour, and
+    keeps a recent one (another process may be converting into it) — converted already or not."""
+    import os
+    import time
+
+    cache.parent.mkdir(parents=True)
+    old, recent = cache.parent / f".{models.SMOLLM2_ALIAS}.killed", cache.parent / f".{models.SMOLLM2_ALIAS}.busy"
+    for path in (old, recent):
+        path.mkdir()
+        (path / "model.safetensors").write_text("partial")
+    an_hour_and_more = time.time() - models.ABANDONED_AFTER_S - 60
+    os.utime(old, (an_hour_and_more, an_hour_and_more))
+    convert_with(monkeypatch, "mine")
+    assert models.smollm2_dir() == cache
+    assert not old.exists() and recent.is_dir()
+    assert (cache / "model.safetensors").read_text() == "mine"
+    os.utime(recent, (an_hour_and_more, an_hour_and_more))  # the busy one was killed too
+    assert models.smollm2_dir() == cache  # converted already: nothing converted again ...
+    assert not recent.exists()  # ... and its leftover is gone
