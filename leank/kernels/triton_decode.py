@@ -85,6 +85,18 @@ def _group_params(params, rows, valid, row_params, NG: tl.constexpr, SYM: tl.con
 
 
 @triton.jit
+def _affine(code, scale, zero, QBITS: tl.constexpr, SYM: tl.constexpr):
+    """Dequantised values of fp32 codes ``[rows, groups, per group]`` with their groups' ``scale``
+    and ``zero`` ``[rows, groups]``: ``zero + code · scale``, or ``(code - 2^(bits-1)) · scale``
+    when ``SYM`` (``leank.quant.dequantize``)."""
+    if SYM:
+        x = (code - (1 << (QBITS - 1))) * scale[:, :, None]
+    else:
+        x = zero[:, :, None] + code * scale[:, :, None]
+    return x
+
+
+@triton.jit
 def _dequant(codes, params, rows, valid, cols, n, row_bytes, row_params, QBITS: tl.constexpr, GROUP: tl.constexpr,
              SYM: tl.constexpr):
     """fp32 values ``[len(rows), len(cols)]`` (``cols`` = ``arange(0, NCOL)``) of quantised rows:
@@ -110,11 +122,7 @@ def _dequant(codes, params, rows, valid, cols, n, row_bytes, row_params, QBITS: 
         byte = tl.load(codes + rows[:, None] * row_bytes + (cols // 2)[None, :],
                        mask=valid[:, None] & (cols[None, :] < 2 * row_bytes), other=0).to(tl.int32)
         code = ((byte >> ((cols % 2) * 4)[None, :]) & 15).to(tl.float32)
-    if SYM:  # x̂ = (code - 2^(bits-1)) · scale
-        x = (tl.reshape(code, (BLOCK, NG, GW)) - (1 << (QBITS - 1))) * scale[:, :, None]
-    else:
-        x = zero[:, :, None] + tl.reshape(code, (BLOCK, NG, GW)) * scale[:, :, None]
-    return tl.reshape(x, (BLOCK, NCOL))
+    return tl.reshape(_affine(tl.reshape(code, (BLOCK, NG, GW)), scale, zero, QBITS, SYM), (BLOCK, NCOL))
 
 
 @triton.jit
@@ -191,14 +199,8 @@ def _dequant_halves(codes, params, rows, valid, NCOL: tl.constexpr, row_bytes, r
     offs_b = tl.arange(0, HALF)
     byte = tl.load(codes + rows[:, None] * row_bytes + offs_b[None, :],
                    mask=valid[:, None] & (offs_b[None, :] < row_bytes), other=0).to(tl.int32)
-    lo = tl.reshape((byte & 15).to(tl.float32), (BLOCK, NG, GW // 2))
-    hi = tl.reshape((byte >> 4).to(tl.float32), (BLOCK, NG, GW // 2))
-    if SYM:
-        lo = (lo - 8.0) * scale[:, :, None]
-        hi = (hi - 8.0) * scale[:, :, None]
-    else:
-        lo = zero[:, :, None] + lo * scale[:, :, None]
-        hi = zero[:, :, None] + hi * scale[:, :, None]
+    lo = _affine(tl.reshape((byte & 15).to(tl.float32), (BLOCK, NG, GW // 2)), scale, zero, 4, SYM)
+    hi = _affine(tl.reshape((byte >> 4).to(tl.float32), (BLOCK, NG, GW // 2)), scale, zero, 4, SYM)
     return tl.reshape(lo, (BLOCK, HALF)), tl.reshape(hi, (BLOCK, HALF))
 
 
