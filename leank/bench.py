@@ -24,6 +24,11 @@ LeanK's ideal bytes), that over the copy bandwidth measured in the same run (the
 measured per-row memory, then run under ``torch.cuda.set_per_process_memory_fraction``).
 A table, then one JSON line last.
 
+Under ``torchrun`` (or with ``--tensor-parallel`` alone, the one-device reference) the model is
+loaded with ``tp_plan="auto"`` and :mod:`leank.bench_tp` measures ``full`` and ``leank-eager``
+per rank: KV bytes each rank holds and their sum, step time, tokens/s, greedy tokens against
+``--reference``.
+
     leank bench --model smollm2-135m --lengths 8192 --batches 1 64
     python benchmarks/decode_e2e.py --model llama3.1-8b-shape --lengths 32768 --batches 1 8
 """
@@ -431,15 +436,57 @@ def register(sub) -> None:
                         "one GEMM each, at the cost of a fused copy of those weights; on an H200 at 8B shape: "
                         "no faster, +7 GiB peak)")
     p.add_argument("--out", default=None, help="directory for results.json and results.md")
+    tp = p.add_argument_group("tensor parallelism (transformers tp_plan='auto'; on by itself under torchrun)")
+    tp.add_argument("--tensor-parallel", action="store_true",
+                    help="measure as one rank of a tensor-parallel group: methods full and leank-eager (eager: the "
+                         "compiled path is one process only); per-rank and summed KV bytes, greedy tokens in "
+                         "tokens.json. Alone (world size 1) this is the reference run for --reference")
+    tp.add_argument("--reference", default=None, help="tokens.json of a --tensor-parallel run on one device: "
+                                                      "report whether the greedy tokens are the same")
+    tp.add_argument("--dtype", default=None, help="bfloat16 (default on CUDA) or float32 (default on the CPU)")
     p.set_defaults(run=_main)
 
 
+TP_METHODS = {"full": "full", "leank-eager": "leank"}  # bench_tp's names: both are eager
+
+
+def _tensor_parallel_argv(args) -> list[str]:
+    """``leank bench`` options as :mod:`leank.bench_tp` options (the points: every length × batch)."""
+    methods = [m for m in args.methods if m in TP_METHODS] if args.methods == list(DEFAULT_METHODS) else args.methods
+    other = [m for m in methods if m not in TP_METHODS]
+    if other:
+        raise LeanKError(f"under tensor parallelism the methods are {' and '.join(TP_METHODS)} (eager), not "
+                         f"{', '.join(other)}")
+    for name in ("budget_gib", "compile_mode"):
+        if getattr(args, name) is not None:
+            raise LeanKError(f"--{name.replace('_', '-')} does not apply under tensor parallelism")
+    if args.freeze:
+        raise LeanKError("--freeze does not apply under tensor parallelism")
+    if not args.out:
+        raise LeanKError("under tensor parallelism --out is required (results.json, results.md, tokens.json)")
+    argv = ["--model", args.model, "--points", *[f"{b}x{t}" for t in args.lengths for b in args.batches],
+            "--methods", *[TP_METHODS[m] for m in methods], "--steps", str(args.steps), "--warmup", str(args.warmup),
+            "--out", args.out]
+    for name in ("mask", "reference", "dtype"):
+        if getattr(args, name):
+            argv += [f"--{name}", getattr(args, name)]
+    return argv
+
+
 def _main(args) -> int:
+    import os
     import sys
 
     from ._env import environment
     from ._io import atomic_write_json, atomic_write_text
 
+    if args.tensor_parallel or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from .bench_tp import main as tensor_parallel_main
+
+        tensor_parallel_main(_tensor_parallel_argv(args), prog="leank bench --tensor-parallel")
+        return 0
+    if args.reference or args.dtype:
+        raise LeanKError("--reference and --dtype belong to --tensor-parallel runs (leank bench is bf16 on one GPU)")
     for name, values in (("lengths", args.lengths), ("batches", args.batches)):
         if any(v < 1 for v in values):
             raise LeanKError(f"--{name} must be positive integers, got {values}")

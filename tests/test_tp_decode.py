@@ -1,9 +1,9 @@
-"""benchmarks/tp_decode.py on the CPU: a one-process run, then 2 gloo processes under torchrun
-(``tp_plan="auto"``) against it as the reference; and its one-line errors."""
+"""leank.bench_tp (``leank bench --tensor-parallel``, ``benchmarks/tp_decode.py``) on the CPU: a
+one-process run, then 2 gloo processes under torchrun (``tp_plan="auto"``) against it as the
+reference; the CLI's options mapped onto it; and its one-line errors."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -13,6 +13,8 @@ import pytest
 import torch
 
 import leank
+from leank import bench_tp
+from leank.cli import main as cli
 from leank.errors import LeanKError
 
 from .conftest import tiny_model
@@ -21,13 +23,6 @@ from .torchrun import ROOT, torchrun
 SCRIPT = ROOT / "benchmarks" / "tp_decode.py"
 gloo = pytest.mark.skipif(not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
                           reason="needs gloo")
-
-
-def tp_decode():
-    spec = importlib.util.spec_from_file_location("tp_decode", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture
@@ -46,15 +41,17 @@ def model_and_mask(tmp_path):
 @gloo
 def test_two_processes_decode_the_reference_tokens_with_half_the_bytes_each(tmp_path, model_and_mask):
     model, mask = model_and_mask
-    common = ["--model", str(model), "--mask", str(mask), "--points", "2x96", "--steps", "6", "--warmup", "1"]
+    common = ["bench", "--model", str(model), "--mask", str(mask), "--lengths", "96", "--batches", "2", "--steps", "6",
+              "--warmup", "1"]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
-    one = subprocess.run([sys.executable, str(SCRIPT), *common, "--out", str(tmp_path / "tp1")], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=120)
+    one = subprocess.run([sys.executable, "-m", "leank.cli", *common, "--tensor-parallel", "--out",
+                          str(tmp_path / "tp1")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert one.returncode == 0, one.stderr[-3000:]
-    torchrun(SCRIPT, [*common, "--out", str(tmp_path / "tp2"), "--reference", str(tmp_path / "tp1" / "tokens.json")],
-             tmp_path / "logs", timeout=180)
+    # under torchrun, leank bench is tensor-parallel by itself (no --tensor-parallel)
+    torchrun("-m", ["leank.cli", *common, "--out", str(tmp_path / "tp2"), "--reference",
+                    str(tmp_path / "tp1" / "tokens.json")], tmp_path / "logs", timeout=180)
 
     ref = json.loads((tmp_path / "tp1" / "results.json").read_text())
     tp = json.loads((tmp_path / "tp2" / "results.json").read_text())
@@ -90,7 +87,7 @@ def test_two_processes_decode_the_reference_tokens_with_half_the_bytes_each(tmp_
 
 
 def test_compare_reports_the_first_differing_step_and_the_logit_gap():
-    compare = tp_decode().compare
+    compare = bench_tp.compare
     ref = {"tokens": [5, 6, 7], "top_logits": [[3.0, 1.0], [2.0, 1.9], [4.0, 0.0]]}
     mine = {"tokens": [5, 8, 7], "at_ref": [[3.0, 1.0], [1.9, 1.95], [0.0, 0.0]]}
     out = compare(mine, ref)
@@ -109,15 +106,45 @@ def test_compare_reports_the_first_differing_step_and_the_logit_gap():
 def test_bad_input_is_refused_before_any_work(tmp_path, model_and_mask, args, message):
     model, mask = model_and_mask
     with pytest.raises(LeanKError, match=message):
-        tp_decode().main(["--model", str(model), "--mask", str(mask), "--out", str(tmp_path / "out"), *args])
+        bench_tp.main(["--model", str(model), "--mask", str(mask), "--out", str(tmp_path / "out"), *args])
     assert not (tmp_path / "out").exists()
+
+
+def test_leank_bench_options_become_points_and_eager_methods(tmp_path, model_and_mask):
+    """``leank bench --tensor-parallel`` in one process: every length × batch is a point, the default
+    methods are full and leank-eager, and the tokens are bench_tp's own for the same points."""
+    model, mask = model_and_mask
+    common = ["--model", str(model), "--mask", str(mask), "--steps", "2", "--warmup", "0"]
+    assert cli(["bench", "--tensor-parallel", *common, "--lengths", "40", "--batches", "1", "2",
+                "--out", str(tmp_path / "cli")]) == 0
+    direct = bench_tp.main([*common, "--points", "1x40", "2x40", "--out", str(tmp_path / "direct")])
+    got = json.loads((tmp_path / "cli" / "results.json").read_text())
+    assert [(r["point"], r["method"]) for r in got["rows"]] == [
+        ("1x40", "full"), ("1x40", "leank"), ("2x40", "full"), ("2x40", "leank")]
+    assert [r["kv_bytes"] for r in got["rows"]] == [r["kv_bytes"] for r in direct["rows"]]
+    tokens = json.loads((tmp_path / "cli" / "tokens.json").read_text())["points"]
+    direct_tokens = json.loads((tmp_path / "direct" / "tokens.json").read_text())["points"]
+    assert tokens == direct_tokens and set(tokens["2x40"]) == {"full", "leank"}
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--tensor-parallel", "--methods", "leank"], "under tensor parallelism the methods are full and leank-eager"),
+    (["--tensor-parallel", "--budget-gib", "10"], "--budget-gib does not apply under tensor parallelism"),
+    (["--tensor-parallel", "--freeze"], "--freeze does not apply under tensor parallelism"),
+    (["--tensor-parallel"], "under tensor parallelism --out is required"),
+    (["--dtype", "float32"], "--reference and --dtype belong to --tensor-parallel runs"),
+])
+def test_leank_bench_refuses_options_of_the_other_mode(args, message, capsys):
+    assert cli(["bench", "--model", "llama3.1-8b-shape", *args]) != 0
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
 
 
 def test_kv_heads_must_split_over_the_processes(tmp_path, model_and_mask, monkeypatch):
     model, mask = model_and_mask
     monkeypatch.setenv("WORLD_SIZE", "3")
     with pytest.raises(LeanKError, match="4 KV heads / 4 attention heads do not split evenly over 3"):
-        tp_decode().main(["--model", str(model), "--mask", str(mask), "--out", str(tmp_path / "out")])
+        bench_tp.main(["--model", str(model), "--mask", str(mask), "--out", str(tmp_path / "out")])
 
 
 def test_a_shape_model_is_saved_once_and_reused(tmp_path, model_and_mask, monkeypatch):
@@ -129,11 +156,11 @@ def test_a_shape_model_is_saved_once_and_reused(tmp_path, model_and_mask, monkey
         num_key_value_heads=4, head_dim=16, tie_word_embeddings=False)))
     args = ["--model", "tiny-shape", "--mask", str(mask), "--points", "1x40", "--steps", "2", "--warmup", "0",
             "--scratch", str(tmp_path / "scratch"), "--methods", "leank"]
-    first = tp_decode().main([*args, "--out", str(tmp_path / "a")])
+    first = bench_tp.main([*args, "--out", str(tmp_path / "a")])
     saved = tmp_path / "scratch" / "tiny-shape-float32-seed0"
     weights = {p.name: p.stat().st_mtime_ns for p in saved.iterdir()}
     assert "leank-shape.json" in weights and "config.json" in weights
-    second = tp_decode().main([*args, "--out", str(tmp_path / "b"), "--reference", str(tmp_path / "a" / "tokens.json")])
+    second = bench_tp.main([*args, "--out", str(tmp_path / "b"), "--reference", str(tmp_path / "a" / "tokens.json")])
     assert {p.name: p.stat().st_mtime_ns for p in saved.iterdir()} == weights
     assert first["weights"] == second["weights"] and second["reference_same_weights"]
     assert second["rows"][0]["vs_reference"]["identical"]

@@ -13,9 +13,10 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def torchrun(worker: Path, args: list[str], log_dir: Path, timeout: int) -> None:
-    """Run ``worker`` with ``args`` on 2 processes; fail the test (with every rank's log) on an
-    error or after ``timeout`` seconds (a hang in a collective)."""
+def torchrun(worker: Path | str, args: list[str], log_dir: Path, timeout: int) -> None:
+    """Run ``worker`` (a script, or ``"-m"`` with the module first in ``args``) with ``args`` on 2
+    processes; fail the test (with every rank's log) on an error or after ``timeout`` seconds (a
+    hang in a collective)."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
