@@ -6,6 +6,7 @@ import json
 import os
 
 from .._defaults import DEFAULT_RECENT, DEFAULT_SINK
+from .config import STAGE2_KEEP
 
 
 def register(subparsers) -> None:
@@ -38,6 +39,10 @@ def register(subparsers) -> None:
     p.add_argument("--stage1-alpha", default=None, metavar="PATH",
                    help="alpha.safetensors of an earlier run's finished stage 1 (same model): skip stage 1 and "
                         "run stage 2 for each --sparsity from it")
+    p.add_argument("--stage2-keep", choices=STAGE2_KEEP, default="best",
+                   help="best: each mask from stage 2's α unless stage 2 raised the binarised mask's held-out "
+                        "distillation loss, then from stage 1's α (summary.json says which); last: always stage "
+                        "2's (the paper's recipe)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.set_defaults(run=_run)
 
@@ -52,7 +57,7 @@ def _run(args) -> int:
         stage2_steps=args.steps2, lr1=args.lr1, lr2=args.lr2, reg=args.reg, batch=args.batch, corpus=args.corpus,
         seed=args.seed, checkpoint_every=args.checkpoint_every, device=args.device, dtype=args.dtype,
         workers=args.workers, validation_samples=args.validation_samples, fsdp=args.fsdp,
-        recompute=args.recompute, stage1_alpha=args.stage1_alpha,
+        recompute=args.recompute, stage1_alpha=args.stage1_alpha, stage2_keep=args.stage2_keep,
     )
     summary = train(cfg, resume=args.resume)
     if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 prints

@@ -7,6 +7,8 @@ from dataclasses import asdict, dataclass, field
 from ..errors import LeanKError
 from ..masks import DEFAULT_RECENT, DEFAULT_SINK, check_sparsity, check_window
 
+STAGE2_KEEP = ("best", "last")
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -50,6 +52,9 @@ class TrainConfig:
     fsdp: bool = False  # under torchrun: shard the frozen model with FSDP2 (memory only, same result)
     recompute: bool = True  # recompute each layer's attention in the backward pass (memory only, same result)
     stage1_alpha: str | None = None  # alpha.safetensors of a finished stage 1 (same model): stage 1 skipped
+    # "best": each mask from stage 2's α, unless stage 2 raised the held-out loss of the binarised mask (then
+    # from stage 1's α binarised); "last": always stage 2's (the paper's recipe)
+    stage2_keep: str = "best"
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -62,6 +67,8 @@ class TrainConfig:
         if self.stage1_steps < 1:
             raise LeanKError(f"stage1_steps must be at least 1, got {self.stage1_steps}: stage 1 learns the channel "
                              "importance α, so with no step every channel ties and the mask would be arbitrary")
+        if self.stage2_keep not in STAGE2_KEEP:
+            raise LeanKError(f"stage2_keep must be one of {', '.join(STAGE2_KEEP)}, got {self.stage2_keep!r}")
         if self.stage2_steps < 0:
             raise LeanKError(f"stage2_steps must be >= 0, got {self.stage2_steps} (0: binarise α without fine-tuning)")
         for name in ("lr1", "lr2", "batch", "checkpoint_every", "validation_samples"):

@@ -392,8 +392,10 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> d
             name, alpha, steps=cfg.stage2_steps, lr=cfg.lr2, reg=0.0, sparsity=sparsity, data_seed=cfg.seed + 1 + index
         )
         after = trainer.validation_loss(final, sparsity)
+        # every rank has the same (all-reduced) losses, so every rank makes the same choice
+        from_stage2 = cfg.stage2_keep == "last" or after <= before
         mask = binarize(
-            final.cpu(),
+            (final if from_stage2 else alpha).cpu(),
             sparsity=sparsity,
             alignment=cfg.alignment,
             method="leank",
@@ -406,7 +408,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> d
                 "stage2_steps": cfg.stage2_steps,
                 "lr2": cfg.lr2,
                 "lengths": [cfg.min_length, cfg.max_length],
-                "validation_distill": after,
+                "validation_distill": after if from_stage2 else before,
+                "alpha_from": "stage 2" if from_stage2 else "stage 1 (stage 2 raised the validation loss)",
                 "torch": torch.__version__,
             },
         )
@@ -416,6 +419,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> d
             "seconds": round(time.perf_counter() - t1, 1),
             "validation_distill_binarised_before": before,
             "validation_distill_after": after,
+            "mask_from": "stage 2" if from_stage2 else "stage 1",
             "sparsity": mask.sparsity,
             "fully_pruned_heads": mask.fully_pruned_heads,
             "heads_by_kept_count": mask.count_histogram(),

@@ -161,6 +161,35 @@ def test_stage2_from_a_given_stage1_equals_the_two_stage_run(tiny_dir, tmp_path,
     assert (int(info["stage1_steps"]), float(info["reg"])) == (6, config(tiny_dir, tmp_path).reg)
 
 
+@pytest.mark.slow
+def test_stage2_keep_takes_stage1_alpha_when_stage2_raised_the_validation_loss(tiny_dir, tmp_path, monkeypatch):
+    """``stage2_keep="best"``: the mask comes from stage 2's α unless stage 2 raised the binarised
+    mask's held-out loss, then from stage 1's α binarised; ``"last"`` always takes stage 2's."""
+    from leank.masks import binarize
+    from leank.train import trainer as trainer_mod
+
+    base = config(tiny_dir, tmp_path / "base", lr2=0.5, stage2_keep="last")
+    train(base, progress=False)
+    given = tmp_path / "base" / "alpha.safetensors"
+    stage1 = binarize(load_file(str(given))["alpha"], sparsity=0.75, alignment=4).kept
+    stage2 = ChannelMask.load(tmp_path / "base" / "mask-0.75.safetensors").kept
+    assert not torch.equal(stage1, stage2)  # stage 2 moved the mask, so the choice below is visible
+    for keep, (before, after), want in [("best", (1.0, 2.0), stage1), ("best", (2.0, 1.0), stage2),
+                                        ("last", (1.0, 2.0), stage2)]:
+        losses = iter((before, after))
+        monkeypatch.setattr(trainer_mod.Trainer, "validation_loss",
+                            lambda self, alpha, sparsity, losses=losses: 0.5 if sparsity is None else next(losses))
+        out = tmp_path / f"{keep}-{before}"
+        summary = train(config(tiny_dir, out, lr2=0.5, stage2_keep=keep, stage1_alpha=str(given)), progress=False)
+        mask = ChannelMask.load(out / "mask-0.75.safetensors")
+        assert torch.equal(mask.kept, want), (keep, before, after)
+        from_stage2 = want is stage2
+        assert summary["stages"]["stage2-0.75"]["mask_from"] == ("stage 2" if from_stage2 else "stage 1")
+        assert float(mask.info["validation_distill"]) == (after if from_stage2 else before)
+    with pytest.raises(LeanKError, match="stage2_keep must be one of best, last"):
+        config(tiny_dir, tmp_path / "x", stage2_keep="first")
+
+
 def test_a_bad_stage1_alpha_is_refused_before_training(tiny_dir, tmp_path):
     from safetensors.torch import save_file
 
