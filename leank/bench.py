@@ -47,6 +47,7 @@ from .attention import enable
 from .cache import LeanKCache, cache_kwargs, dense_cache_nbytes
 from .errors import LeanKError
 from .masks import ChannelMask
+from .parallel import launched_world
 from .quant import parse_quant
 
 METHODS = ("full", "full-compiled", "leank-eager", "leank", "leank-int8", "leank-int4", "leank-int4s")
@@ -54,6 +55,9 @@ DEFAULT_METHODS = METHODS[:4]
 COMPILED = ("full-compiled", "leank", "leank-int8", "leank-int4", "leank-int4s")  # leank-intN[s]: quantised middle
 COMPILE_MODES = ("reduce-overhead", "max-autotune")  # both capture CUDA graphs
 LLAMA_8B_SHAPE = "llama3.1-8b-shape"
+TP_METHODS = ("full", "leank-eager")  # under tensor parallelism (leank.bench_tp): eager only
+SCRATCH = "/tmp/leank-tp-decode"
+SCRATCH_HELP = "where a random-weight shape model is saved once and reused (Llama-3.1-8B shape: 16 GB in bf16)"
 
 
 def random_llama_8b(device, dtype=torch.bfloat16):
@@ -424,8 +428,9 @@ def register(sub) -> None:
     p.add_argument("--lengths", type=int, nargs="+", default=[8192])
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     p.add_argument("--budget-gib", type=float, default=None, help="find the largest batch within this memory")
-    p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS),
-                   help=f"any of {', '.join(METHODS)} (default: the first four)")
+    p.add_argument("--methods", nargs="+", default=None,
+                   help=f"any of {', '.join(METHODS)} (default: the first four; under tensor parallelism "
+                        f"{' and '.join(TP_METHODS)})")
     p.add_argument("--steps", type=int, default=32)
     p.add_argument("--warmup", type=int, default=4, help="untimed steps first (compiled methods compile in them)")
     p.add_argument("--compile-mode", default=None, choices=COMPILE_MODES,
@@ -436,7 +441,8 @@ def register(sub) -> None:
                         "one GEMM each, at the cost of a fused copy of those weights; on an H200 at 8B shape: "
                         "no faster, +7 GiB peak)")
     p.add_argument("--out", default=None, help="directory for results.json and results.md")
-    tp = p.add_argument_group("tensor parallelism (transformers tp_plan='auto'; on by itself under torchrun)")
+    tp = p.add_argument_group("tensor parallelism (transformers tp_plan='auto'; on by itself under torchrun with 2+ "
+                              "processes; --model: a random-weight shape or a local model directory)")
     tp.add_argument("--tensor-parallel", action="store_true",
                     help="measure as one rank of a tensor-parallel group: methods full and leank-eager (eager: the "
                          "compiled path is one process only); per-rank and summed KV bytes, greedy tokens in "
@@ -444,15 +450,13 @@ def register(sub) -> None:
     tp.add_argument("--reference", default=None, help="tokens.json of a --tensor-parallel run on one device: "
                                                       "report whether the greedy tokens are the same")
     tp.add_argument("--dtype", default=None, help="bfloat16 (default on CUDA) or float32 (default on the CPU)")
+    tp.add_argument("--scratch", default=None, help=f"{SCRATCH_HELP} (default {SCRATCH})")
     p.set_defaults(run=_main)
-
-
-TP_METHODS = {"full": "full", "leank-eager": "leank"}  # bench_tp's names: both are eager
 
 
 def _tensor_parallel_argv(args) -> list[str]:
     """``leank bench`` options as :mod:`leank.bench_tp` options (the points: every length × batch)."""
-    methods = [m for m in args.methods if m in TP_METHODS] if args.methods == list(DEFAULT_METHODS) else args.methods
+    methods = args.methods or list(TP_METHODS)
     other = [m for m in methods if m not in TP_METHODS]
     if other:
         raise LeanKError(f"under tensor parallelism the methods are {' and '.join(TP_METHODS)} (eager), not "
@@ -464,40 +468,41 @@ def _tensor_parallel_argv(args) -> list[str]:
         raise LeanKError("--freeze does not apply under tensor parallelism")
     if not args.out:
         raise LeanKError("under tensor parallelism --out is required (results.json, results.md, tokens.json)")
-    argv = ["--model", args.model, "--points", *[f"{b}x{t}" for t in args.lengths for b in args.batches],
-            "--methods", *[TP_METHODS[m] for m in methods], "--steps", str(args.steps), "--warmup", str(args.warmup),
-            "--out", args.out]
-    for name in ("mask", "reference", "dtype"):
-        if getattr(args, name):
-            argv += [f"--{name}", getattr(args, name)]
-    return argv
+    argv = [f"--model={args.model}", "--points", *[f"{b}x{t}" for t in args.lengths for b in args.batches],
+            "--methods", *methods, f"--steps={args.steps}", f"--warmup={args.warmup}", f"--out={args.out}"]
+    return argv + [f"--{name}={getattr(args, name)}" for name in ("mask", "reference", "dtype", "scratch")
+                   if getattr(args, name)]
 
 
 def _main(args) -> int:
-    import os
-    import sys
+    import shlex
 
     from ._env import environment
     from ._io import atomic_write_json, atomic_write_text
 
-    if args.tensor_parallel or int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        from .bench_tp import main as tensor_parallel_main
-
-        tensor_parallel_main(_tensor_parallel_argv(args), prog="leank bench --tensor-parallel")
-        return 0
-    if args.reference or args.dtype:
-        raise LeanKError("--reference and --dtype belong to --tensor-parallel runs (leank bench is bf16 on one GPU)")
     for name, values in (("lengths", args.lengths), ("batches", args.batches)):
         if any(v < 1 for v in values):
             raise LeanKError(f"--{name} must be positive integers, got {values}")
     if args.steps < 1 or args.warmup < 0:
         raise LeanKError("--steps must be >= 1 and --warmup >= 0")
+    world = launched_world()
+    if args.tensor_parallel or world > 1:
+        from .bench_tp import main as tensor_parallel_main
+
+        launcher = f"torchrun --nproc_per_node {world} -m leank.cli" if world > 1 else "leank"
+        tensor_parallel_main(_tensor_parallel_argv(args), prog="leank bench --tensor-parallel",
+                             command=shlex.join([*launcher.split(), *args.argv]))
+        return 0
+    if args.reference or args.dtype or args.scratch:
+        raise LeanKError("--reference, --dtype and --scratch belong to --tensor-parallel runs (leank bench is bf16 "
+                         "on one GPU)")
+    args.methods = args.methods or list(DEFAULT_METHODS)
     if any(m in COMPILED for m in args.methods) and args.warmup < 3:
         raise LeanKError("compiled methods need --warmup >= 3 (compilation and CUDA-graph recording happen there)")
     result = bench(args.model, mask_path=args.mask, lengths=args.lengths, batches=args.batches,
                    budget_gib=args.budget_gib, methods=args.methods, steps=args.steps, warmup=args.warmup,
                    compile_mode=args.compile_mode, freeze=args.freeze)
-    env = environment(" ".join(["leank"] + sys.argv[1:]))
+    env = environment(shlex.join(["leank", *args.argv]))
     text = markdown(result, env)
     print(text)
     if args.out:

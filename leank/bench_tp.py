@@ -6,7 +6,7 @@ process per GPU, NCCL; gloo on the CPU). The model is a random-weight shape of
 ``leank.models.SHAPES`` (rank 0 builds it with ``--seed``, saves it under ``--scratch`` once,
 later runs reuse it) or a model directory; every rank loads it with ``tp_plan="auto"``.
 
-Per point ``BxT`` and method (``full``: ``DynamicCache``; ``leank``: ``LeanKCache`` with
+Per point ``BxT`` and method (``full``: ``DynamicCache``; ``leank-eager``: ``LeanKCache`` with
 ``max_length``; both **eager**: no torch.compile, no CUDA graphs): one row of ``T`` random tokens
 is prefilled, the cache repeated to ``B`` rows, then ``--warmup`` + ``--steps`` greedy steps,
 each timed (CUDA events; perf_counter on the CPU). Per rank: median step time, KV bytes this
@@ -44,14 +44,13 @@ from . import ChannelMask, enable
 from ._env import environment
 from ._io import atomic_write_json, atomic_write_text, check_writable_dir, make_dirs
 from .architectures import check_supported, kv_heads_and_dim
-from .bench import _timer, make_cache, repeat_rows
+from .bench import SCRATCH, SCRATCH_HELP, TP_METHODS, _timer, make_cache, repeat_rows
 from .cache import cache_kwargs, dense_cache_nbytes
 from .errors import LeanKError
 from .models import SHAPES, parse_dtype, shape_config, shape_model
-from .parallel import kv_head_rows, sum_over_ranks, tensor_parallel
+from .parallel import kv_head_rows, launched_world, sum_over_ranks, tensor_parallel
 from .resources import bundled_mask_path
 
-METHODS = ("full", "leank")
 TOPK = 5
 MARKER = "leank-shape.json"  # written last into a saved shape model: the directory is complete
 GIB = 2**30
@@ -68,8 +67,8 @@ def model_config(name: str):
     if name in SHAPES:
         return shape_config(name)
     if not (Path(name) / "config.json").is_file():
-        raise LeanKError(f"unknown model {name!r}: use one of {', '.join(SHAPES)} or a directory written by "
-                         "save_pretrained")
+        raise LeanKError(f"unknown model {name!r}: a tensor-parallel run loads one of {', '.join(SHAPES)} "
+                         "(random weights) or a local directory written by save_pretrained")
     from transformers import AutoConfig
 
     return AutoConfig.from_pretrained(name)
@@ -184,7 +183,7 @@ def run_point(model, method, mask, batch, length, args, device, ref) -> dict:
             marks.append(record())
     sync()
     step_ms = [elapsed(marks[i], marks[i + 1]) for i in range(args.steps)]
-    if method == "leank":
+    if method != "full":
         kv, ideal, dense = cache.nbytes(), cache.ideal_nbytes(), cache.dense_nbytes()
         overhead = cache.overhead_nbytes()
     else:
@@ -261,8 +260,8 @@ def markdown(result: dict) -> str:
     lines += [table_row(r) for r in result["rows"]]
     by = {(r["point"], r["method"]): r for r in result["rows"]}
     for point in dict.fromkeys(r["point"] for r in result["rows"]):
-        if (point, "full") in by and (point, "leank") in by:
-            lean, full = by[point, "leank"], by[point, "full"]
+        if (point, "full") in by and (point, "leank-eager") in by:
+            lean, full = by[point, "leank-eager"], by[point, "full"]
             lines.append(f"\n{point}: LeanK holds {lean['kv_bytes'] / full['kv_bytes']:.3f} of the dense KV bytes "
                          f"(summed over ranks), step time {lean['step_ms_median'] / full['step_ms_median']:.2f}x "
                          f"dense, tokens/s {lean['tokens_per_s'] / full['tokens_per_s']:.2f}x.")
@@ -298,28 +297,34 @@ def check_inputs(args, world: int):
     if args.reference:
         try:
             reference = json.loads(Path(args.reference).read_text())
-            reference["points"].items()
+            for by_method in reference["points"].values():
+                for entry in by_method.values():
+                    if not all(isinstance(entry[k], list) for k in ("tokens", "top_ids", "top_logits")):
+                        raise TypeError("tokens, top_ids and top_logits must be lists")
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-            raise LeanKError(f"cannot read the reference tokens {args.reference}: {e!r}") from None
+            raise LeanKError(f"cannot read the reference tokens {args.reference} (expected the tokens.json of a "
+                             f"run of this benchmark): {e!r}") from None
     dtype = parse_dtype(args.dtype) if args.dtype else torch.bfloat16 if torch.cuda.is_available() else torch.float32
     return config, kv_heads, mask, reference, dtype
 
 
-def main(argv=None, prog=None) -> dict | None:
+def main(argv=None, prog=None, command=None) -> dict | None:
+    """Parse ``argv`` and measure; ``command``: how to rerun it, recorded with the results
+    (default: this script's command line)."""
     parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="llama3.1-8b-shape", help=f"one of {', '.join(SHAPES)} or a model dir")
     parser.add_argument("--mask", default=None, help="mask file (default: the bundled mask, e.g. the authors')")
     parser.add_argument("--points", nargs="+", default=["8x32768", "1x131072"], help="BATCHxPROMPT")
-    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    parser.add_argument("--methods", nargs="+", choices=TP_METHODS, default=list(TP_METHODS))
     parser.add_argument("--steps", type=int, default=16)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on the CPU")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--scratch", default="/tmp/leank-tp-decode", help="where shape models are saved")
+    parser.add_argument("--scratch", default=SCRATCH, help=SCRATCH_HELP)
     parser.add_argument("--reference", default=None, help="tokens.json of a world-size-1 run")
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = launched_world()
     config, kv_heads, mask, reference, dtype = check_inputs(args, world)
 
     rank, device = setup(world)
@@ -344,7 +349,7 @@ def main(argv=None, prog=None) -> dict | None:
               "load_s": load_s, "weight_gib_per_rank": [r["weight_gib"] for r in ranks],
               "kv_heads_per_rank": [r["kv_heads"] for r in ranks], "reference": args.reference,
               "reference_same_weights": reference.get("weights") == weights if reference else None,
-              "environment": environment(launcher + " ".join(sys.argv)), "rows": []}
+              "environment": environment(command or launcher + " ".join(sys.argv)), "rows": []}
     tokens = {"model": args.model, "weights": weights, "world_size": world, "dtype": str(dtype), "seed": args.seed,
               "points": {}}
     out = make_dirs(args.out) if rank == 0 else None

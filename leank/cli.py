@@ -178,6 +178,7 @@ def _command_of(argv: list[str]) -> str | None:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser(_command_of(argv)).parse_args(argv)
+    args.argv = argv  # what was asked for, recorded with results
     try:
         return args.run(args)
     except LeanKError as e:

@@ -10,9 +10,28 @@ takes the same rows of the mask; every byte count of the cache is then this proc
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from .errors import LeanKError
+
+
+def launched_world() -> int:
+    """The number of processes torchrun started this job with (1 outside torchrun); one clear
+    error for a ``WORLD_SIZE`` that is not an integer or comes without the rest of torchrun's
+    environment."""
+    raw = os.environ.get("WORLD_SIZE", "1")
+    try:
+        world = int(raw)
+    except ValueError:
+        raise LeanKError(f"WORLD_SIZE must be an integer (torchrun sets it), got {raw!r}") from None
+    if world > 1:
+        missing = [k for k in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
+        if missing:
+            raise LeanKError(f"WORLD_SIZE is {world} but {', '.join(missing)} unset: launch with torchrun")
+    return world
+
 
 # Key projections whose rows are KV heads (one head_dim block each), by architecture.
 _KEY_PROJECTIONS = ("k_proj.weight",)

@@ -60,7 +60,7 @@ def test_two_processes_decode_the_reference_tokens_with_half_the_bytes_each(tmp_
     assert (tmp_path / "tp2" / "results.md").read_text().count("| 2x96 |") == 2
     rows = {r["method"]: r for r in tp["rows"]}
     refs = {r["method"]: r for r in ref["rows"]}
-    assert set(rows) == set(refs) == {"full", "leank"}
+    assert set(rows) == set(refs) == {"full", "leank-eager"}
     for method, row in rows.items():
         cmp = row["vs_reference"]
         assert row["ranks_agree"] and cmp["identical"], (method, cmp)
@@ -69,21 +69,21 @@ def test_two_processes_decode_the_reference_tokens_with_half_the_bytes_each(tmp_
         # The dense bytes and LeanK's ideal bytes split exactly: each rank holds its KV heads' tokens.
         assert row["dense_bytes"] == refs[method]["dense_bytes"]
         assert row["ideal_bytes"] == refs[method]["ideal_bytes"]
-    full, lean = rows["full"], rows["leank"]
+    full, lean = rows["full"], rows["leank-eager"]
     assert [r["kv_bytes"] for r in full["per_rank"]] == [refs["full"]["kv_bytes"] // 2] * 2
     # LeanK per rank: about half (the two ranks' heads keep different channel counts).
     for r in lean["per_rank"]:
-        assert 0.35 < r["kv_bytes"] / refs["leank"]["kv_bytes"] < 0.65
+        assert 0.35 < r["kv_bytes"] / refs["leank-eager"]["kv_bytes"] < 0.65
     # Summed, LeanK allocates what one process does plus its per-process index tensors (lengths,
     # pads and tables each rank keeps for itself): every other part of the overhead splits exactly.
-    ref_over = refs["leank"]["per_rank"][0]["overhead_bytes"]
+    ref_over = refs["leank-eager"]["per_rank"][0]["overhead_bytes"]
     index = sum(r["overhead_bytes"]["index"] for r in lean["per_rank"])
-    assert lean["kv_bytes"] - refs["leank"]["kv_bytes"] == index - ref_over["index"]
-    assert 0 <= index - ref_over["index"] < 0.01 * refs["leank"]["kv_bytes"]
+    assert lean["kv_bytes"] - refs["leank-eager"]["kv_bytes"] == index - ref_over["index"]
+    assert 0 <= index - ref_over["index"] < 0.01 * refs["leank-eager"]["kv_bytes"]
     assert lean["kv_bytes"] < 0.9 * full["kv_bytes"]  # tokens went into the middle store
     tokens = json.loads((tmp_path / "tp2" / "tokens.json").read_text())
     ref_tokens = json.loads((tmp_path / "tp1" / "tokens.json").read_text())
-    assert tokens["points"]["2x96"]["leank"]["tokens"] == ref_tokens["points"]["2x96"]["leank"]["tokens"]
+    assert tokens["points"]["2x96"]["leank-eager"]["tokens"] == ref_tokens["points"]["2x96"]["leank-eager"]["tokens"]
 
 
 def test_compare_reports_the_first_differing_step_and_the_logit_gap():
@@ -114,17 +114,19 @@ def test_leank_bench_options_become_points_and_eager_methods(tmp_path, model_and
     """``leank bench --tensor-parallel`` in one process: every length × batch is a point, the default
     methods are full and leank-eager, and the tokens are bench_tp's own for the same points."""
     model, mask = model_and_mask
-    common = ["--model", str(model), "--mask", str(mask), "--steps", "2", "--warmup", "0"]
+    common = ["--model", str(model), "--mask", str(mask), "--steps", "2", "--warmup", "0", "--dtype", "bfloat16"]
     assert cli(["bench", "--tensor-parallel", *common, "--lengths", "40", "--batches", "1", "2",
                 "--out", str(tmp_path / "cli")]) == 0
     direct = bench_tp.main([*common, "--points", "1x40", "2x40", "--out", str(tmp_path / "direct")])
     got = json.loads((tmp_path / "cli" / "results.json").read_text())
+    assert got["dtype"] == direct["dtype"] == "torch.bfloat16"
+    assert got["environment"]["command"].startswith("leank bench")
     assert [(r["point"], r["method"]) for r in got["rows"]] == [
-        ("1x40", "full"), ("1x40", "leank"), ("2x40", "full"), ("2x40", "leank")]
+        ("1x40", "full"), ("1x40", "leank-eager"), ("2x40", "full"), ("2x40", "leank-eager")]
     assert [r["kv_bytes"] for r in got["rows"]] == [r["kv_bytes"] for r in direct["rows"]]
     tokens = json.loads((tmp_path / "cli" / "tokens.json").read_text())["points"]
     direct_tokens = json.loads((tmp_path / "direct" / "tokens.json").read_text())["points"]
-    assert tokens == direct_tokens and set(tokens["2x40"]) == {"full", "leank"}
+    assert tokens == direct_tokens and set(tokens["2x40"]) == {"full", "leank-eager"}
 
 
 @pytest.mark.parametrize("args, message", [
@@ -132,17 +134,43 @@ def test_leank_bench_options_become_points_and_eager_methods(tmp_path, model_and
     (["--tensor-parallel", "--budget-gib", "10"], "--budget-gib does not apply under tensor parallelism"),
     (["--tensor-parallel", "--freeze"], "--freeze does not apply under tensor parallelism"),
     (["--tensor-parallel"], "under tensor parallelism --out is required"),
-    (["--dtype", "float32"], "--reference and --dtype belong to --tensor-parallel runs"),
+    (["--dtype", "float32"], "--reference, --dtype and --scratch belong to --tensor-parallel runs"),
+    (["--tensor-parallel", "--lengths", "0", "--out", "o"], "--lengths must be positive integers, got [0]"),
 ])
-def test_leank_bench_refuses_options_of_the_other_mode(args, message, capsys):
-    assert cli(["bench", "--model", "llama3.1-8b-shape", *args]) != 0
+def test_leank_bench_refuses_options_of_the_other_mode(args, message, capsys, model_and_mask):
+    model, mask = model_and_mask
+    assert cli(["bench", "--model", str(model), "--mask", str(mask), *args]) != 0
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("world, message", [
+    ("2", "WORLD_SIZE is 2 but RANK, LOCAL_RANK, MASTER_ADDR, MASTER_PORT unset: launch with torchrun"),
+    ("two", "WORLD_SIZE must be an integer (torchrun sets it), got 'two'"),
+])
+def test_a_world_size_without_torchrun_is_one_error_line(world, message, model_and_mask, monkeypatch, capsys):
+    model, mask = model_and_mask
+    for key in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("WORLD_SIZE", world)
+    assert cli(["bench", "--model", str(model), "--mask", str(mask), "--out", "o"]) != 0
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_a_reference_that_is_not_a_tokens_file_is_refused(tmp_path, model_and_mask):
+    model, mask = model_and_mask
+    (tmp_path / "results.json").write_text(json.dumps({"points": {"2x96": {"full": {"step_ms": [1.0]}}}}))
+    with pytest.raises(LeanKError, match="expected the tokens.json of a run of this benchmark"):
+        bench_tp.main(["--model", str(model), "--mask", str(mask), "--out", str(tmp_path / "out"),
+                       "--reference", str(tmp_path / "results.json")])
 
 
 def test_kv_heads_must_split_over_the_processes(tmp_path, model_and_mask, monkeypatch):
     model, mask = model_and_mask
     monkeypatch.setenv("WORLD_SIZE", "3")
+    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "localhost"), ("MASTER_PORT", "29599")):
+        monkeypatch.setenv(key, value)
     with pytest.raises(LeanKError, match="4 KV heads / 4 attention heads do not split evenly over 3"):
         bench_tp.main(["--model", str(model), "--mask", str(mask), "--out", str(tmp_path / "out")])
 
@@ -155,7 +183,7 @@ def test_a_shape_model_is_saved_once_and_reused(tmp_path, model_and_mask, monkey
         vocab_size=101, hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=4, head_dim=16, tie_word_embeddings=False)))
     args = ["--model", "tiny-shape", "--mask", str(mask), "--points", "1x40", "--steps", "2", "--warmup", "0",
-            "--scratch", str(tmp_path / "scratch"), "--methods", "leank"]
+            "--scratch", str(tmp_path / "scratch"), "--methods", "leank-eager"]
     first = bench_tp.main([*args, "--out", str(tmp_path / "a")])
     saved = tmp_path / "scratch" / "tiny-shape-float32-seed0"
     weights = {p.name: p.stat().st_mtime_ns for p in saved.iterdir()}

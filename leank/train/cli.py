@@ -39,10 +39,11 @@ def register(subparsers) -> None:
     p.add_argument("--stage1-alpha", default=None, metavar="PATH",
                    help="alpha.safetensors of an earlier run's finished stage 1 (same model): skip stage 1 and "
                         "run stage 2 for each --sparsity from it")
-    p.add_argument("--stage2-keep", choices=STAGE2_KEEP, default="best",
-                   help="best: each mask from stage 2's α unless stage 2 raised the binarised mask's held-out "
-                        "distillation loss, then from stage 1's α (summary.json says which); last: always stage "
-                        "2's (the paper's recipe)")
+    p.add_argument("--stage2-keep", choices=STAGE2_KEEP, default="last",
+                   help="last (default, the paper's recipe): each mask from stage 2's α; best: from stage 1's α "
+                        "binarised instead when stage 2 raised the binarised mask's held-out distillation loss "
+                        "(summary.json gives both losses and sparsities and which was kept; the two masks can "
+                        "differ in achieved sparsity by a percent or so)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.set_defaults(run=_run)
 

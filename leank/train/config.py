@@ -52,9 +52,9 @@ class TrainConfig:
     fsdp: bool = False  # under torchrun: shard the frozen model with FSDP2 (memory only, same result)
     recompute: bool = True  # recompute each layer's attention in the backward pass (memory only, same result)
     stage1_alpha: str | None = None  # alpha.safetensors of a finished stage 1 (same model): stage 1 skipped
-    # "best": each mask from stage 2's α, unless stage 2 raised the held-out loss of the binarised mask (then
-    # from stage 1's α binarised); "last": always stage 2's (the paper's recipe)
-    stage2_keep: str = "best"
+    # "last": each mask from stage 2's α (the paper's recipe); "best": from stage 1's α binarised instead when
+    # stage 2 raised the binarised mask's held-out loss (the two can land at slightly different sparsities)
+    stage2_keep: str = "last"
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:

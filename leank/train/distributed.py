@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 
 from ..errors import LeanKError
+from ..parallel import launched_world
 
 
 @dataclass(frozen=True)
@@ -109,14 +110,11 @@ def setup(device: str) -> Dist:
     if dist.is_available() and dist.is_initialized():
         local = int(os.environ.get("LOCAL_RANK", dist.get_rank()))
         return Dist(rank=dist.get_rank(), world=dist.get_world_size(), local_rank=local)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = launched_world()
     if world <= 1:
         return Dist()
     if not dist.is_available():
         raise LeanKError("WORLD_SIZE > 1 but this torch build has no torch.distributed: install a full torch build")
-    missing = [k for k in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
-    if missing:
-        raise LeanKError(f"WORLD_SIZE is {world} but {', '.join(missing)} unset: launch with torchrun")
     rank, local = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
     cuda = torch.device(device).type == "cuda" and torch.cuda.is_available()
     if cuda:

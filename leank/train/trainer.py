@@ -16,6 +16,7 @@ is all-reduced (:mod:`leank.train.distributed`); only rank 0 writes these files.
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -392,8 +393,11 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> d
             name, alpha, steps=cfg.stage2_steps, lr=cfg.lr2, reg=0.0, sparsity=sparsity, data_seed=cfg.seed + 1 + index
         )
         after = trainer.validation_loss(final, sparsity)
-        # every rank has the same (all-reduced) losses, so every rank makes the same choice
-        from_stage2 = cfg.stage2_keep == "last" or after <= before
+        # every rank has the same (all-reduced) losses, so every rank makes the same choice; a NaN after
+        # stage 2 never wins, a NaN before it always loses
+        from_stage2 = cfg.stage2_keep == "last" or not (after > before or math.isnan(after))
+        stage1_mask = binarize(alpha.cpu(), sparsity=sparsity, alignment=cfg.alignment,
+                               layers=hybrid_layers(trainer.model.config))
         mask = binarize(
             (final if from_stage2 else alpha).cpu(),
             sparsity=sparsity,
@@ -421,6 +425,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> d
             "validation_distill_after": after,
             "mask_from": "stage 2" if from_stage2 else "stage 1",
             "sparsity": mask.sparsity,
+            "stage1_binarised_sparsity": stage1_mask.sparsity,
             "fully_pruned_heads": mask.fully_pruned_heads,
             "heads_by_kept_count": mask.count_histogram(),
         }

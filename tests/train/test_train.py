@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -174,20 +175,30 @@ def test_stage2_keep_takes_stage1_alpha_when_stage2_raised_the_validation_loss(t
     stage1 = binarize(load_file(str(given))["alpha"], sparsity=0.75, alignment=4).kept
     stage2 = ChannelMask.load(tmp_path / "base" / "mask-0.75.safetensors").kept
     assert not torch.equal(stage1, stage2)  # stage 2 moved the mask, so the choice below is visible
-    for keep, (before, after), want in [("best", (1.0, 2.0), stage1), ("best", (2.0, 1.0), stage2),
-                                        ("last", (1.0, 2.0), stage2)]:
+    nan = float("nan")
+    for case, (keep, (before, after), want) in enumerate([("best", (1.0, 2.0), stage1), ("best", (2.0, 1.0), stage2),
+                                        ("best", (1.0, 1.0), stage2), ("best", (1.0, nan), stage1),
+                                        ("best", (nan, 1.0), stage2), ("last", (1.0, 2.0), stage2)]):
         losses = iter((before, after))
         monkeypatch.setattr(trainer_mod.Trainer, "validation_loss",
                             lambda self, alpha, sparsity, losses=losses: 0.5 if sparsity is None else next(losses))
-        out = tmp_path / f"{keep}-{before}"
+        out = tmp_path / f"case{case}"
         summary = train(config(tiny_dir, out, lr2=0.5, stage2_keep=keep, stage1_alpha=str(given)), progress=False)
         mask = ChannelMask.load(out / "mask-0.75.safetensors")
         assert torch.equal(mask.kept, want), (keep, before, after)
         from_stage2 = want is stage2
         assert summary["stages"]["stage2-0.75"]["mask_from"] == ("stage 2" if from_stage2 else "stage 1")
-        assert float(mask.info["validation_distill"]) == (after if from_stage2 else before)
+        assert summary["stages"]["stage2-0.75"]["stage1_binarised_sparsity"] == pytest.approx(
+            ChannelMask(stage1, sink=4, recent=8).sparsity)
+        chosen = float(mask.info["validation_distill"])
+        assert chosen == (after if from_stage2 else before) or math.isnan(chosen) and math.isnan(before)
     with pytest.raises(LeanKError, match="stage2_keep must be one of best, last"):
         config(tiny_dir, tmp_path / "x", stage2_keep="first")
+    assert TrainConfig().stage2_keep == "last"  # the paper's recipe stays the default (CLI: same default)
+    from leank.cli import build_parser
+
+    args = build_parser().parse_args(["train", "--out", "x"])
+    assert args.stage2_keep == "last"
 
 
 def test_a_bad_stage1_alpha_is_refused_before_training(tiny_dir, tmp_path):
