@@ -510,9 +510,14 @@ def check_quantised(case: dict, quant: KVQuant, dtype: torch.dtype) -> None:
         td.decode_attention_triton(query, hist.layer.view, D**-0.5, out=out, programs=programs)
         expect = decode_attention_torch(query.float(), hist.layer.view, D**-0.5)  # fp32 torch path
         assert torch.isfinite(out).all()
-        # bf16: the kernel rounds dequantised K/V tiles to bf16 for the tensor cores (2^-9 relative per
-        # value) where the reference keeps them in fp32; on an H200 that gave 4.2e-3 to 5.2e-3 (5 runs).
-        tol = {torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 1e-2}[dtype]
+        # bf16: the kernel rounds dequantised K/V tiles to bf16 for the tensor cores (up to 2^-8 relative
+        # per value) where the reference keeps them in fp32. A CPU emulation of that rounding over 1000
+        # random inputs per case (int4/int4s/int8, d64/d128) gave a median of ~5e-3 and a maximum of
+        # 1.5e-2 — and 1.1158e-2 for the one H200 failure at 1e-2 (seed 5799508; the GPU read 1.1158e-2):
+        # two near-tied keys whose rounded scores move weight between different V rows. Symmetric codes
+        # round coherently (every |code - 8| of 3, 5, 6 or 7 times one bf16 scale rounds alike). A wrong
+        # tile (a layout bug) shows in fp16, which shares the bf16 code path with 8x finer rounding.
+        tol = {torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 2e-2}[dtype]
         assert rel_err(out, expect.double()) <= tol, (rel_err(out, expect.double()), f"seed {seed}")
     assert hist.layer.middle_length() > 0
 
