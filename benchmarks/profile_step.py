@@ -12,6 +12,7 @@ import torch
 
 from leank import bench
 from leank.cache import cache_kwargs
+from leank.measure import make_cache, repeat_rows
 
 
 @torch.inference_mode()
@@ -22,10 +23,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4)
     args = parser.parse_args()
     model, mask = bench.load(bench.LLAMA_8B_SHAPE, None, torch.device("cuda"))
-    cache = bench.make_cache("leank", model, mask, args.length + 32)
+    cache = make_cache("leank", model, mask, args.length + 32)
     ids = torch.randint(10, 1000, (1, args.length), device="cuda")
     token = model(input_ids=ids, logits_to_keep=1, **cache_kwargs(cache)).logits[:, -1].argmax(-1, keepdim=True)
-    bench.repeat_rows(cache, args.batch)
+    repeat_rows(cache, args.batch)
     token = token.repeat_interleave(args.batch, 0)
     forward = bench.decode_forward(model, "leank")
     for _ in range(5):

@@ -44,20 +44,19 @@ from pathlib import Path
 import torch
 
 from .attention import enable
-from .cache import LeanKCache, cache_kwargs, dense_cache_nbytes
+from .bench_tp import SCRATCH, SCRATCH_HELP, TP_METHODS, argv_from_bench
+from .bench_tp import main as tensor_parallel_main
+from .cache import cache_kwargs, dense_cache_nbytes
 from .errors import LeanKError
 from .masks import ChannelMask
+from .measure import make_cache, repeat_rows, step_timer
 from .parallel import launched_world
-from .quant import parse_quant
 
 METHODS = ("full", "full-compiled", "leank-eager", "leank", "leank-int8", "leank-int4", "leank-int4s")
 DEFAULT_METHODS = METHODS[:4]
 COMPILED = ("full-compiled", "leank", "leank-int8", "leank-int4", "leank-int4s")  # leank-intN[s]: quantised middle
 COMPILE_MODES = ("reduce-overhead", "max-autotune")  # both capture CUDA graphs
 LLAMA_8B_SHAPE = "llama3.1-8b-shape"
-TP_METHODS = ("full", "leank-eager")  # under tensor parallelism (leank.bench_tp): eager only
-SCRATCH = "/tmp/leank-tp-decode"
-SCRATCH_HELP = "where a random-weight shape model is saved once and reused (Llama-3.1-8B shape: 16 GB in bf16)"
 
 
 def random_llama_8b(device, dtype=torch.bfloat16):
@@ -122,34 +121,6 @@ def kv_bytes_allocated(method: str, cache) -> tuple[int, int]:
 
 
 # ---- one measurement ------------------------------------------------------------------------
-def make_cache(method: str, model, mask: ChannelMask | None, max_length: int):
-    from transformers import DynamicCache, StaticCache
-
-    if method == "full":
-        return DynamicCache(config=model.config)
-    if method == "full-compiled":
-        return StaticCache(config=model.config, max_cache_len=max_length)
-    quant = parse_quant(method.removeprefix("leank-")) if method.startswith("leank-int") else None
-    return LeanKCache(model, mask, max_length=max_length, quant=quant)
-
-
-def repeat_rows(cache, batch: int) -> None:
-    """Repeat a one-row cache to ``batch`` rows, layer by layer (transformers' static layers,
-    sliding ones included, have no ``batch_repeat_interleave``: their buffers are repeated and
-    marked static here)."""
-    from transformers.cache_utils import StaticLayer
-
-    for layer in cache.layers:
-        if not isinstance(layer, StaticLayer):
-            layer.batch_repeat_interleave(batch)
-            continue
-        layer.keys = layer.keys.repeat_interleave(batch, dim=0)
-        layer.values = layer.values.repeat_interleave(batch, dim=0)
-        layer.batch_size = batch
-        torch._dynamo.mark_static_address(layer.keys)
-        torch._dynamo.mark_static_address(layer.values)
-
-
 def decode_forward(model, method: str, compile_config=None):
     """The forward a decode step runs: transformers' compiled call (as ``generate()`` uses it
     for a compileable cache), or the eager one."""
@@ -157,17 +128,6 @@ def decode_forward(model, method: str, compile_config=None):
         torch._dynamo.reset()  # a fresh graph per point: no recompile-limit surprises across points
         return model.get_compiled_call(compile_config)
     return model.__call__
-
-
-def _timer(device):
-    if device.type == "cuda":
-        event = lambda: torch.cuda.Event(enable_timing=True)
-        def record():
-            e = event()
-            e.record()
-            return e
-        return record, lambda a, b: a.elapsed_time(b), torch.cuda.synchronize
-    return time.perf_counter, lambda a, b: (b - a) * 1e3, lambda: None
 
 
 @torch.inference_mode()
@@ -181,7 +141,7 @@ def run_one(model, method: str, mask, *, batch: int, length: int, steps: int, wa
     total = length + warmup + steps
     cache = make_cache(method, model, mask, total + 1)
     cache_arg = cache_kwargs(cache)
-    record, elapsed, sync = _timer(device)
+    record, elapsed, sync = step_timer(device)
     sync()
     start = time.perf_counter()
     out = model(input_ids=ids, use_cache=True, logits_to_keep=1, **cache_arg)
@@ -454,26 +414,6 @@ def register(sub) -> None:
     p.set_defaults(run=_main)
 
 
-def _tensor_parallel_argv(args) -> list[str]:
-    """``leank bench`` options as :mod:`leank.bench_tp` options (the points: every length × batch)."""
-    methods = args.methods or list(TP_METHODS)
-    other = [m for m in methods if m not in TP_METHODS]
-    if other:
-        raise LeanKError(f"under tensor parallelism the methods are {' and '.join(TP_METHODS)} (eager), not "
-                         f"{', '.join(other)}")
-    for name in ("budget_gib", "compile_mode"):
-        if getattr(args, name) is not None:
-            raise LeanKError(f"--{name.replace('_', '-')} does not apply under tensor parallelism")
-    if args.freeze:
-        raise LeanKError("--freeze does not apply under tensor parallelism")
-    if not args.out:
-        raise LeanKError("under tensor parallelism --out is required (results.json, results.md, tokens.json)")
-    argv = [f"--model={args.model}", "--points", *[f"{b}x{t}" for t in args.lengths for b in args.batches],
-            "--methods", *methods, f"--steps={args.steps}", f"--warmup={args.warmup}", f"--out={args.out}"]
-    return argv + [f"--{name}={getattr(args, name)}" for name in ("mask", "reference", "dtype", "scratch")
-                   if getattr(args, name)]
-
-
 def _main(args) -> int:
     import shlex
 
@@ -487,10 +427,8 @@ def _main(args) -> int:
         raise LeanKError("--steps must be >= 1 and --warmup >= 0")
     world = launched_world()
     if args.tensor_parallel or world > 1:
-        from .bench_tp import main as tensor_parallel_main
-
         launcher = f"torchrun --nproc_per_node {world} -m leank.cli" if world > 1 else "leank"
-        tensor_parallel_main(_tensor_parallel_argv(args), prog="leank bench --tensor-parallel",
+        tensor_parallel_main(argv_from_bench(args), prog="leank bench --tensor-parallel",
                              command=shlex.join([*launcher.split(), *args.argv]))
         return 0
     if args.reference or args.dtype or args.scratch:

@@ -44,9 +44,9 @@ from . import ChannelMask, enable
 from ._env import environment
 from ._io import atomic_write_json, atomic_write_text, check_writable_dir, make_dirs
 from .architectures import check_supported, kv_heads_and_dim
-from .bench import SCRATCH, SCRATCH_HELP, TP_METHODS, _timer, make_cache, repeat_rows
 from .cache import cache_kwargs, dense_cache_nbytes
 from .errors import LeanKError
+from .measure import make_cache, repeat_rows, step_timer
 from .models import SHAPES, parse_dtype, shape_config, shape_model
 from .parallel import kv_head_rows, launched_world, sum_over_ranks, tensor_parallel
 from .resources import bundled_mask_path
@@ -54,6 +54,29 @@ from .resources import bundled_mask_path
 TOPK = 5
 MARKER = "leank-shape.json"  # written last into a saved shape model: the directory is complete
 GIB = 2**30
+TP_METHODS = ("full", "leank-eager")  # both eager (the names of `leank bench`; `leank` there is compiled)
+SCRATCH = "/tmp/leank-tp-decode"
+SCRATCH_HELP = "where a random-weight shape model is saved once and reused (Llama-3.1-8B shape: 16 GB in bf16)"
+
+
+def argv_from_bench(args) -> list[str]:
+    """``leank bench`` options as :mod:`leank.bench_tp` options (the points: every length × batch)."""
+    methods = args.methods or list(TP_METHODS)
+    other = [m for m in methods if m not in TP_METHODS]
+    if other:
+        raise LeanKError(f"under tensor parallelism the methods are {' and '.join(TP_METHODS)} (eager), not "
+                         f"{', '.join(other)}")
+    for name in ("budget_gib", "compile_mode"):
+        if getattr(args, name) is not None:
+            raise LeanKError(f"--{name.replace('_', '-')} does not apply under tensor parallelism")
+    if args.freeze:
+        raise LeanKError("--freeze does not apply under tensor parallelism")
+    if not args.out:
+        raise LeanKError("under tensor parallelism --out is required (results.json, results.md, tokens.json)")
+    argv = [f"--model={args.model}", "--points", *[f"{b}x{t}" for t in args.lengths for b in args.batches],
+            "--methods", *methods, f"--steps={args.steps}", f"--warmup={args.warmup}", f"--out={args.out}"]
+    return argv + [f"--{name}={getattr(args, name)}" for name in ("mask", "reference", "dtype", "scratch")
+                   if getattr(args, name)]
 
 
 def parse_point(text: str) -> tuple[int, int]:
@@ -148,7 +171,7 @@ def run_point(model, method, mask, batch, length, args, device, ref) -> dict:
     n = 1 + args.warmup + args.steps  # tokens: the prompt's, then one per step
     cache = make_cache(method, model, mask, length + n)
     ref_ids = torch.tensor(ref["top_ids"][:n], device=device) if ref else None
-    record, elapsed, sync = _timer(device)
+    record, elapsed, sync = step_timer(device)
     cuda = device.type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats()
