@@ -7,7 +7,10 @@ Methods (each the path a user gets):
   (``model.get_compiled_call``: its default ``CompileConfig``, mode ``reduce-overhead``,
   i.e. CUDA graphs), as ``generate()`` runs it for a static cache;
 * ``leank-eager`` — ``LeanKCache(max_length=...)``, the decode kernel, eager;
-* ``leank`` — the same cache under the same compile path (what ``generate()`` does on CUDA).
+* ``leank`` — the same cache under the same compile path (what ``generate()`` does on CUDA);
+* ``leank-int8`` / ``leank-int4`` / ``leank-int4s`` — ``leank`` with a quantised middle store;
+* ``quantized-int4`` — transformers' ``QuantizedCache`` (quanto, needs ``optimum-quanto``),
+  eager, batch 1: the dense quantised baseline of ``leank eval``'s ``quantized:int4``.
 
 For each method, prompt length ``T`` and batch ``B``: one row's prompt is prefilled eagerly
 (TTFT: the forward over the prompt plus, for LeanK, storing it), the cache is repeated to
@@ -48,11 +51,13 @@ from .bench_tp import SCRATCH, SCRATCH_HELP, TP_METHODS, argv_from_bench
 from .bench_tp import main as tensor_parallel_main
 from .cache import cache_kwargs, dense_cache_nbytes
 from .errors import LeanKError
+from .eval.methods import check_quantized_cache, quantized_cache_nbytes
 from .masks import ChannelMask
 from .measure import make_cache, repeat_rows, step_timer
 from .parallel import launched_world
 
-METHODS = ("full", "full-compiled", "leank-eager", "leank", "leank-int8", "leank-int4", "leank-int4s")
+METHODS = ("full", "full-compiled", "leank-eager", "leank", "leank-int8", "leank-int4", "leank-int4s",
+           "quantized-int4")  # the last: transformers' QuantizedCache (quanto), eager, batch 1
 DEFAULT_METHODS = METHODS[:4]
 COMPILED = ("full-compiled", "leank", "leank-int8", "leank-int4", "leank-int4s")  # leank-intN[s]: quantised middle
 COMPILE_MODES = ("reduce-overhead", "max-autotune")  # both capture CUDA graphs
@@ -103,6 +108,8 @@ def kv_bytes_needed(method: str, model, cache, batch: int, tokens: int) -> int:
 
     if method.startswith("leank"):
         return cache.ideal_nbytes()
+    if method == "quantized-int4":
+        return quantized_cache_nbytes(cache)[0]
     kv_heads, head_dim = kv_heads_and_dim(model.config)
     elem = next(model.parameters()).element_size()
     layer_tokens = sum(tokens if w is None else min(tokens, w) for w in layer_windows(model.config))
@@ -113,6 +120,9 @@ def kv_bytes_allocated(method: str, cache) -> tuple[int, int]:
     """(allocated, ideal) KV bytes."""
     if method.startswith("leank"):
         return cache.nbytes(), cache.ideal_nbytes()
+    if method == "quantized-int4":
+        held = quantized_cache_nbytes(cache)[0]
+        return held, held
     if method == "full-compiled":
         allocated = sum(layer.keys.numel() * layer.keys.element_size() * 2 for layer in cache.layers)
         return allocated, allocated
@@ -134,6 +144,9 @@ def decode_forward(model, method: str, compile_config=None):
 def run_one(model, method: str, mask, *, batch: int, length: int, steps: int, warmup: int, seed: int = 0,
             copy_bw: float | None = None, compile_config=None) -> dict:
     """One (method, batch, prompt length) measurement; see the module docstring."""
+    if method == "quantized-int4" and batch > 1:  # before any work: the prefill would be wasted
+        raise LeanKError("quantized-int4 runs at batch 1 only (QuantizedCache's packed codes cannot be repeated "
+                         "to more rows)")
     device = model.device
     enable(model)  # dense caches' plain K/V take the model's own attention (SDPA, or eager where it caps/sinks)
     gen = torch.Generator(device="cpu").manual_seed(seed)
@@ -262,6 +275,8 @@ def measure(model_name: str, *, mask_path=None, lengths=(8192,), batches=(1,), b
         raise LeanKError(f"unknown method(s) {sorted(unknown)}: choose from {', '.join(METHODS)}")
     if compile_mode not in (None, *COMPILE_MODES):
         raise LeanKError(f"unknown compile mode {compile_mode!r}: choose from {', '.join(COMPILE_MODES)}")
+    if "quantized-int4" in methods:
+        check_quantized_cache()  # before the model loads
     model, mask = load(model_name, mask_path, torch.device("cuda"))
     compile_config = None
     if compile_mode:

@@ -9,6 +9,7 @@ from transformers import CompileConfig
 import leank
 from leank import bench
 from leank.cli import main
+from leank.errors import LeanKError
 
 from .conftest import tiny_model
 
@@ -64,13 +65,30 @@ def test_every_method_runs_on_cpu(arch):
                                     generator=torch.Generator().manual_seed(0), layers=hybrid_layers(model.config))
     config = CompileConfig(backend="eager", fullgraph=True)
     config._compile_all_devices = True
-    for method in bench.METHODS:
+    for method in (m for m in bench.METHODS if m != "quantized-int4"):  # batch 1 only: below
         row = bench.run_one(model, method, mask, batch=3, length=40, steps=4, warmup=3, copy_bw=1e10,
                             compile_config=config)
         assert row["method"] == method and row["batch"] == 3
         assert abs(row["tokens_per_s"] - 3e3 / row["step_ms_median"]) < 1e-6
         assert abs(row["mbu"] - row["floor_ms"] / row["step_ms_median"]) < 1e-9
         assert row["kv_gib"] > 0
+
+
+def test_quantized_cache_runs_at_batch_one_and_refuses_more_before_any_work(monkeypatch):
+    """``quantized-int4``: transformers' QuantizedCache (quanto) at batch 1, its bytes those the
+    evaluation counts; batch 3 refused before the prefill (the packed codes cannot be repeated)."""
+    model = tiny_model("llama", layers=2, kv_heads=2, groups=2, head_dim=16, vocab=97)
+    calls = []
+    monkeypatch.setattr(model, "forward", lambda *a, **k: calls.append(1))
+    with pytest.raises(LeanKError, match="quantized-int4 runs at batch 1 only"):
+        bench.run_one(model, "quantized-int4", None, batch=3, length=40, steps=4, warmup=3)
+    assert not calls
+    monkeypatch.undo()
+    pytest.importorskip("optimum.quanto")
+    row = bench.run_one(model, "quantized-int4", None, batch=1, length=200, steps=4, warmup=3, copy_bw=1e10)
+    dense = 2 * 2 * 2 * (200 + 3 + 4) * 16 * 4  # layers × K/V × KV heads × tokens × head_dim × fp32 bytes
+    # the 200 prompt tokens held as int4 codes (+ a scale and shift per group of 64), the 7 decoded in full
+    assert row["batch"] == 1 and 0.1 * dense < row["kv_gib"] * 2**30 < 0.3 * dense
 
 
 def test_shape_models_have_the_published_sizes():

@@ -257,16 +257,21 @@ class QuantizedCacheMethod:
         return QuantizedCache(config=model.config, nbits=self.spec.quant.bits, **QUANTIZED_CACHE)
 
     def kv_bytes(self, cache: Cache) -> tuple[int, int]:
-        """Packed codes, scales and shifts of the quantised part plus the full-precision residual."""
-        held = dense = 0
-        for layer in cache.layers:
-            for q in (layer._quantized_keys, layer._quantized_values):
-                data = q._data._data if hasattr(q._data, "_data") else q._data
-                held += sum(t.numel() * t.element_size() for t in (data, q._scale, q._shift))
-            held += sum(t.numel() * t.element_size() for t in (layer.keys, layer.values))
-            B, H, _, D = layer.keys.shape
-            dense += 2 * B * H * int(layer.cumulative_length) * D * layer.keys.element_size()
-        return held, dense
+        return quantized_cache_nbytes(cache)
+
+
+def quantized_cache_nbytes(cache: Cache) -> tuple[int, int]:
+    """(held, dense) bytes of a ``QuantizedCache``: packed codes, scales and shifts of the quantised
+    part plus the full-precision residual; the dense cache of the same tokens."""
+    held = dense = 0
+    for layer in cache.layers:
+        for q in (layer._quantized_keys, layer._quantized_values):
+            data = q._data._data if hasattr(q._data, "_data") else q._data
+            held += sum(t.numel() * t.element_size() for t in (data, q._scale, q._shift))
+        held += sum(t.numel() * t.element_size() for t in (layer.keys, layer.values))
+        B, H, _, D = layer.keys.shape
+        dense += 2 * B * H * int(layer.cumulative_length) * D * layer.keys.element_size()
+    return held, dense
 
 
 def check_quantized_cache() -> None:
