@@ -10,7 +10,8 @@ Methods (each the path a user gets):
 * ``leank`` — the same cache under the same compile path (what ``generate()`` does on CUDA);
 * ``leank-int8`` / ``leank-int4`` / ``leank-int4s`` — ``leank`` with a quantised middle store;
 * ``quantized-int4`` — transformers' ``QuantizedCache`` (quanto, needs ``optimum-quanto``),
-  eager, batch 1: the dense quantised baseline of ``leank eval``'s ``quantized:int4``.
+  eager, batch 1: the dense quantised baseline of ``leank eval``'s ``quantized:int4`` (its byte
+  floor counts the bytes it holds, not the dense copy it dequantises to at every step).
 
 For each method, prompt length ``T`` and batch ``B``: one row's prompt is prefilled eagerly
 (TTFT: the forward over the prompt plus, for LeanK, storing it), the cache is repeated to
@@ -103,7 +104,9 @@ def weight_bytes(model, batch: int) -> int:
 
 def kv_bytes_needed(method: str, model, cache, batch: int, tokens: int) -> int:
     """KV bytes one step must read: every token's K/V for the dense caches (a sliding-window
-    layer's window only), LeanK's ideal bytes (its sliding layers as the dense cache's)."""
+    layer's window only), LeanK's ideal bytes (its sliding layers as the dense cache's), the bytes
+    a QuantizedCache holds (codes, scales, shifts, residual — what an ideal kernel would read;
+    transformers' own step also writes and reads a dense copy, so its MBU reads low)."""
     from .architectures import kv_heads_and_dim, layer_windows
 
     if method.startswith("leank"):
@@ -332,6 +335,9 @@ def summarize(rows: list[dict], capacity: list[dict]) -> dict:
         for m in ("leank", "full-compiled"):
             if m in by_method and "floor_ms" in by_method[m]:
                 entry[f"{m}_step_over_own_floor"] = by_method[m]["step_ms_median"] / by_method[m]["floor_ms"]
+        if "leank" in by_method and "quantized-int4" in by_method:
+            entry["leank_over_quantized_int4"] = (by_method["leank"]["tokens_per_s"]
+                                                  / by_method["quantized-int4"]["tokens_per_s"])
         if "leank" in by_method and "full" in by_method and "floor_ms" in by_method["full"]:
             entry["leank_step_over_dense_floor"] = by_method["leank"]["step_ms_median"] / by_method["full"]["floor_ms"]
         speedup[key] = entry
@@ -347,14 +353,15 @@ def summarize(rows: list[dict], capacity: list[dict]) -> dict:
 
 
 def _fmt(row: dict) -> str:
-    head = f"{row['method']:>13} B={row['batch']} T={row['prompt']}"
+    head = f"{row['method']:>14} B={row['batch']} T={row['prompt']}"
     if row.get("error"):
         return f"{head}: {row['error']}"
     if row.get("oom"):
         return f"{head}: out of memory"
     floor = f", floor {row['floor_ms']:.2f} ms, MBU {row['mbu']:.0%}" if "floor_ms" in row else ""
+    peak = "n/a" if row["peak_gib"] is None else f"{row['peak_gib']:.2f} GiB"  # None: not on a GPU
     return (f"{head}: TTFT {row['ttft_s']:.3f} s, step {row['step_ms_median']:.2f} ms{floor}, "
-            f"{row['tokens_per_s']:.1f} tok/s, peak {row['peak_gib']:.2f} GiB, KV {row['kv_gib']:.3f} GiB "
+            f"{row['tokens_per_s']:.1f} tok/s, peak {peak}, KV {row['kv_gib']:.3f} GiB "
             f"(ideal {row['kv_ideal_gib']:.3f}), warm-up {row['warmup_s']:.1f} s")
 
 
@@ -378,7 +385,7 @@ def markdown(result: dict, environment: dict) -> str:
     for r in result["rows"]:
         if r.get("oom") or r.get("error"):
             why = "out of memory" if r.get("oom") else r["error"]
-            lines.append(f"| {r['method']} | {r['batch']} | {r['prompt']} | {why} |" + " |" * 10)
+            lines.append(f"| {r['method']} | {r['batch']} | {r['prompt']} | {why} |" + " |" * 9)
             continue
         lines.append(
             f"| {r['method']} | {r['batch']} | {r['prompt']} | {r['ttft_s']:.3f} | {r['step_ms_median']:.2f} | "

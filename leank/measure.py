@@ -23,9 +23,8 @@ def make_cache(method: str, model, mask: ChannelMask | None, max_length: int):
     if method == "quantized-int4":  # the evaluation's dense quantised baseline (quanto), as it runs there
         from transformers.cache_utils import QuantizedCache
 
-        from .eval.methods import QUANTIZED_CACHE, check_quantized_cache
+        from .eval.methods import QUANTIZED_CACHE
 
-        check_quantized_cache()
         return QuantizedCache(config=model.config, nbits=4, **QUANTIZED_CACHE)
     quant = parse_quant(method.removeprefix("leank-")) if method.startswith("leank-int") else None
     return LeanKCache(model, mask, max_length=max_length, quant=quant)

@@ -33,6 +33,7 @@ def test_summary_ratios_from_rows():
         {"method": "leank", "batch": 7, "prompt": 512, "tokens_per_s": lean, "step_ms_median": 7e3 / lean,
          "floor_ms": floor},
         {"method": "leank", "batch": 9, "prompt": 512, "tokens_per_s": 1.0, "note": "max batch"},  # not a grid point
+        {"method": "quantized-int4", "batch": 7, "prompt": 512, "tokens_per_s": full / 3},
     ]
     capacity = [{"method": "full", "prompt": 512, "cached_tokens": 3 * 548},
                 {"method": "leank", "prompt": 512, "cached_tokens": 5 * 548}]
@@ -41,6 +42,7 @@ def test_summary_ratios_from_rows():
     assert abs(ratios["leank_over_best_dense"] - lean / max(full, compiled)) < 1e-12
     assert abs(ratios["leank_step_over_own_floor"] - 7e3 / lean / floor) < 1e-9
     assert abs(ratios["leank_step_over_dense_floor"] - 7e3 / lean / (2 * floor)) < 1e-9
+    assert abs(ratios["leank_over_quantized_int4"] - lean / (full / 3)) < 1e-9
     assert "512x9" not in summary["ratios"]
     assert abs(summary["cached_tokens_at_budget"][512]["leank_over_full"] - 5 / 3) < 1e-12
 
@@ -85,10 +87,51 @@ def test_quantized_cache_runs_at_batch_one_and_refuses_more_before_any_work(monk
     assert not calls
     monkeypatch.undo()
     pytest.importorskip("optimum.quanto")
-    row = bench.run_one(model, "quantized-int4", None, batch=1, length=200, steps=4, warmup=3, copy_bw=1e10)
-    dense = 2 * 2 * 2 * (200 + 3 + 4) * 16 * 4  # layers × K/V × KV heads × tokens × head_dim × fp32 bytes
-    # the 200 prompt tokens held as int4 codes (+ a scale and shift per group of 64), the 7 decoded in full
-    assert row["batch"] == 1 and 0.1 * dense < row["kv_gib"] * 2**30 < 0.3 * dense
+    # 3 + 125 steps: the residual reaches 128 tokens at the last step and is quantised (left empty)
+    for warmup, steps in ((3, 4), (3, 125)):
+        row = bench.run_one(model, "quantized-int4", None, batch=1, length=200, steps=steps, warmup=warmup,
+                            copy_bw=1e10)
+        tokens = 200 + warmup + steps
+        dense = 2 * 2 * 2 * tokens * 16 * 4  # layers × K/V × KV heads × tokens × head_dim × fp32 bytes
+        held = row["kv_gib"] * 2**30
+        # per fp32 value (4 bytes): half a byte of int4 code + an fp32 scale and shift per group of 64
+        quantised = (0.5 + 8 / 64) / 4
+        if steps == 125:  # every token quantised, the residual empty
+            assert held == pytest.approx(quantised * dense, rel=1e-12)
+        else:  # the 200 prompt tokens quantised, the 7 decoded ones in full
+            assert held == pytest.approx(quantised * dense * 200 / tokens + dense * 7 / tokens, rel=1e-12)
+        assert row["batch"] == 1
+        assert row["step_read_gb"] * 1e9 == pytest.approx(bench.weight_bytes(model, 1) + held, rel=1e-12)
+
+
+def test_measure_refuses_a_quantized_cache_without_quanto_before_loading_and_keeps_going_past_batch_8(monkeypatch):
+    """In ``measure``: no model load when optimum-quanto is missing; a batch-8 quantized-int4 point
+    becomes an error row (no prefill) and the other methods still run."""
+    model = tiny_model("llama", layers=2, kv_heads=2, groups=2, head_dim=16, vocab=97)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(bench, "copy_bandwidth", lambda device: 1e10)
+    monkeypatch.setattr(bench, "_guarded", lambda fn, budget: fn())
+
+    def missing():
+        raise LeanKError("needs optimum-quanto")
+
+    def no_load(*a):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(bench, "check_quantized_cache", missing)
+    monkeypatch.setattr(bench, "load", no_load)
+    with pytest.raises(LeanKError, match="needs optimum-quanto"):
+        bench.measure("tiny", methods=["full", "quantized-int4"], lengths=[40], batches=[8])
+    monkeypatch.setattr(bench, "check_quantized_cache", lambda: None)
+    monkeypatch.setattr(bench, "load", lambda *a: (model, None))
+    made, real = [], bench.make_cache
+    monkeypatch.setattr(bench, "make_cache", lambda method, *a: made.append(method) or real(method, *a))
+    result = bench.measure("tiny", methods=["full", "quantized-int4"], lengths=[40], batches=[8], steps=2, warmup=1,
+                           progress=lambda line: None)
+    rows = {r["method"]: r for r in result["rows"]}
+    assert "quantized-int4 runs at batch 1 only" in rows["quantized-int4"]["error"]
+    assert rows["full"]["batch"] == 8 and rows["full"]["tokens_per_s"] > 0
+    assert made == ["full"]  # quantized-int4 refused before its cache (and its prefill) existed
 
 
 def test_shape_models_have_the_published_sizes():

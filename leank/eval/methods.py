@@ -269,8 +269,9 @@ def quantized_cache_nbytes(cache: Cache) -> tuple[int, int]:
             data = q._data._data if hasattr(q._data, "_data") else q._data
             held += sum(t.numel() * t.element_size() for t in (data, q._scale, q._shift))
         held += sum(t.numel() * t.element_size() for t in (layer.keys, layer.values))
-        B, H, _, D = layer.keys.shape
-        dense += 2 * B * H * int(layer.cumulative_length) * D * layer.keys.element_size()
+        # the residual is an empty 1-D tensor right after each quantisation; the codes keep the 4-D shape
+        B, H, _, D = layer._quantized_keys.shape
+        dense += 2 * B * H * int(layer.cumulative_length) * D * layer._quantized_keys.dtype.itemsize
     return held, dense
 
 
@@ -279,7 +280,8 @@ def check_quantized_cache() -> None:
     try:
         import optimum.quanto  # noqa: F401
     except ImportError:
-        raise LeanKError("method quantized:int4 needs optimum-quanto: pip install optimum-quanto") from None
+        raise LeanKError("transformers' QuantizedCache (quantized:int4 in leank eval, quantized-int4 in leank bench) "
+                         "needs optimum-quanto: pip install optimum-quanto") from None
 
 
 def token_windows(tokenizer, text: str, length: int, count: int) -> torch.Tensor:
