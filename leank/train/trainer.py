@@ -396,8 +396,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> d
         # every rank has the same (all-reduced) losses, so every rank makes the same choice; a NaN after
         # stage 2 never wins, a NaN before it always loses
         from_stage2 = cfg.stage2_keep == "last" or not (after > before or math.isnan(after))
-        stage1_mask = binarize(alpha.cpu(), sparsity=sparsity, alignment=cfg.alignment,
-                               layers=hybrid_layers(trainer.model.config))
+        source = "stage 2" if from_stage2 else "stage 1"
         mask = binarize(
             (final if from_stage2 else alpha).cpu(),
             sparsity=sparsity,
@@ -413,7 +412,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> d
                 "lr2": cfg.lr2,
                 "lengths": [cfg.min_length, cfg.max_length],
                 "validation_distill": after if from_stage2 else before,
-                "alpha_from": "stage 2" if from_stage2 else "stage 1 (stage 2 raised the validation loss)",
+                "alpha_from": source,
                 "torch": torch.__version__,
             },
         )
@@ -423,9 +422,11 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> d
             "seconds": round(time.perf_counter() - t1, 1),
             "validation_distill_binarised_before": before,
             "validation_distill_after": after,
-            "mask_from": "stage 2" if from_stage2 else "stage 1",
+            "mask_from": source,
             "sparsity": mask.sparsity,
-            "stage1_binarised_sparsity": stage1_mask.sparsity,
+            "stage1_binarised_sparsity": mask.sparsity if not from_stage2 else binarize(
+                alpha.cpu(), sparsity=sparsity, alignment=cfg.alignment, layers=hybrid_layers(trainer.model.config)
+            ).sparsity,
             "fully_pruned_heads": mask.fully_pruned_heads,
             "heads_by_kept_count": mask.count_histogram(),
         }
