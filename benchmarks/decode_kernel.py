@@ -181,9 +181,6 @@ def main() -> None:
     parser.add_argument("--use-best", action="store_true", help="main table with the sweep's best configuration")
     parser.add_argument("--quant", nargs="*", default=[], metavar="FORMAT",
                         help="also time the kernel over a quantised middle store: int8, int4, int4g64 ...")
-    parser.add_argument("--int4-decode", nargs="+", default=["lane"], choices=["lane", "split"],
-                        help="how the kernel reads int4 codes (LEANK_INT4_DECODE); several: timed side by side, "
-                             "'split' rows named leank-int4…-split")
     parser.add_argument("--out", default="benchmarks/results/decode_kernel")
     args = parser.parse_args()
     quants = [parse_quant(text) for text in args.quant]
@@ -258,16 +255,14 @@ def main() -> None:
             if quants:
                 k = torch.randn(B, H, T, D, device=device, dtype=torch.bfloat16)
                 v = torch.randn(B, H, T, D, device=device, dtype=torch.bfloat16)
-            for quant, mode in [(qt, m) for qt in quants for m in (args.int4_decode if qt.bits == 4 else [None])]:
-                if mode is not None:  # read by the kernel's launcher (leank.kernels.triton_decode.int4_split)
-                    os.environ["LEANK_INT4_DECODE"] = mode
+            for quant in quants:
                 q_ms, q_bytes = 0.0, 0
                 for i in layer_ids:
                     layer = build_layer(mask.kept[i], k, v, mask.sink, mask.recent, quant)
                     q_ms += run_leank([layer], q, scaling, config, softcap)
                     q_bytes += leank_read_bytes(layer)
                     del layer
-                name = f"leank-{quant.label}" + ("" if mode in (None, "lane") else f"-{mode}")
+                name = f"leank-{quant.label}"
                 row.update({f"{name}_ms": q_ms, f"{name}_bytes": q_bytes,
                             f"{name}_bytes_fraction": q_bytes / (dense_bytes * mask.num_layers),
                             f"{name}_tbs": q_bytes / q_ms / 1e9, f"{name}_speedup_vs_best_dense": dense_best / q_ms,
