@@ -116,11 +116,33 @@ def binary_scale(alpha: torch.Tensor, sparsity: float, alignment: int) -> tuple[
     return hard + (alpha - alpha.detach()), (counts == 0).to(alpha.device)
 
 
-def prompt_cache(model, sample_ids: torch.Tensor, context_end: int) -> DynamicCache:
-    """The frozen model's K/V for the prompt ``[:, :context_end]`` (no grad)."""
+PROMPT_BUCKET = 512
+
+
+def prompt_cache(model, sample_ids: torch.Tensor, context_end: int, *, bucket: int | None = None) -> DynamicCache:
+    """The frozen model's K/V for the prompt ``[:, :context_end]`` (no grad).
+
+    On a GPU (``bucket`` None: :data:`PROMPT_BUCKET` there, 1 elsewhere) the pass runs over the prompt
+    padded at its end to a multiple of ``bucket`` tokens (copies of its last token), and the K/V are
+    cut back to ``context_end``: in a causal model later tokens do not change a position's K/V, so this
+    is the unpadded pass's result up to rounding (kernels may block a longer sequence differently).
+    Why: cuDNN attention (torch's SDPA backend on Hopper GPUs) builds a graph for every new sequence
+    length, ~3 ms per layer on an H200, and training draws a new length every step — on SmolLM2 ~85 ms
+    of a ~0.4 s step (benchmarks/results/train_scale_h200/). Models with sliding-window layers (whose
+    cache keeps only the window) and prompts the padding would take past the model's context run
+    unpadded."""
+    ids = sample_ids[:, :context_end]
+    bucket = bucket or (PROMPT_BUCKET if ids.is_cuda else 1)
+    pad = -context_end % bucket
+    limit = getattr(model.config, "max_position_embeddings", None) or context_end + pad
+    if pad and context_end + pad <= limit and not any(w is not None for w in layer_windows(model.config)):
+        ids = torch.cat([ids, ids[:, -1:].expand(-1, pad)], 1)
     cache = DynamicCache()
     with torch.no_grad():
-        _decoder(model)(input_ids=sample_ids[:, :context_end], use_cache=True, **cache_kwargs(cache))
+        _decoder(model)(input_ids=ids, use_cache=True, **cache_kwargs(cache))
+    if ids.shape[1] > context_end:
+        for layer in cache.layers:
+            layer.keys, layer.values = layer.keys[:, :, :context_end], layer.values[:, :, :context_end]
     return cache
 
 

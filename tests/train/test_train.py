@@ -379,3 +379,41 @@ def test_memory_check_refuses_a_context_that_does_not_fit_before_the_run(tiny_di
     monkeypatch.undo()
     summary = train(config(tiny_dir, tmp_path / "run"), progress=False)  # the same --out works afterwards
     assert summary["memory_check"]["tokens"] == 420
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma2"])
+def test_prompt_pass_padded_to_a_bucket_gives_the_unpadded_kv(arch):
+    """The prompt pass padded at its end to a multiple of ``bucket`` tokens (what a GPU runs, so that
+    cuDNN attention reuses its graph across samples): the K/V cut back to the prompt equal the
+    unpadded pass's up to rounding, and so do the loss and α's gradient; a model with sliding-window
+    layers (Gemma 2) and a prompt the padding would take past the model's context run unpadded."""
+    model = tiny_model(arch, layers=2, head_dim=16, qk_gain=3.0)
+    model.requires_grad_(False)
+    leank.enable(model)
+    gen = torch.Generator().manual_seed(torch.seed() % 2**31)
+    ids = torch.randint(3, 97, (1, 70), generator=gen)
+    context_end = int(torch.randint(33, 60, (1,), generator=gen))
+    plain = prompt_cache(model, ids, context_end, bucket=1)
+    padded = prompt_cache(model, ids, context_end, bucket=32)
+    assert plain.get_seq_length() == padded.get_seq_length() == context_end
+    for a, b in zip(plain.layers, padded.layers, strict=True):
+        if arch == "gemma2":  # not padded: the very same computation
+            assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+        torch.testing.assert_close(b.keys, a.keys, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(b.values, a.values, rtol=1e-5, atol=1e-5)
+    answer = torch.zeros(70, dtype=torch.bool)
+    answer[62:] = True
+    shape = leank.masks.kv_shape(model.config)
+    grads = []
+    for prompt in (plain, padded):
+        alpha = torch.rand(shape, generator=gen.manual_seed(1)).requires_grad_(True)
+        loss = distill_loss(model, ids, context_end, answer, alpha, sink=4, recent=8, prompt=prompt)
+        loss.backward()
+        grads.append((loss.detach(), alpha.grad))
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-7)
+    assert grads[0][1].abs().sum() > 0
+    # past the model's context (1024 positions in these models): unpadded
+    model.config.max_position_embeddings = context_end + 1
+    near = prompt_cache(model, ids, context_end, bucket=32)
+    for a, b in zip(plain.layers, near.layers, strict=True):
+        assert torch.equal(a.keys, b.keys)
