@@ -69,7 +69,7 @@ def one_step(model, sampler, index, alpha, *, sparsity, alignment, sink, recent,
     prompt = prompt_cache(model, ids, sample.context_end)
     clock.lap("prompt")
     with torch.no_grad():
-        teacher = decode_hidden(model, ids, prompt, torch.ones_like(alpha), sink=sink, recent=recent)
+        teacher = decode_hidden(model, ids, prompt, None, sink=sink, recent=recent)
     clock.lap("teacher")
     scale, empty = (alpha, None) if sparsity is None else binary_scale(alpha, sparsity, alignment)
     loss = distill_loss(model, ids, sample.context_end, sample.answer_mask.to(alpha.device), scale, sink=sink,

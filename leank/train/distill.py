@@ -34,7 +34,9 @@ from ..masks import aligned_counts, mask_from_counts
 
 class ScaledPromptLayer(DynamicLayer):
     """Holds the teacher's prompt K/V of one layer; the decode-region forward attends to them
-    and its own K/V (kept for that forward only) with ``scale`` on middle keys.
+    and its own K/V (kept for that forward only) with ``scale`` on middle keys (None: the teacher,
+    every key in full). ``masks``: the pass's (``use_full``, ``visible``) ``[q, T]``, made once for
+    all layers by :func:`decode_hidden`.
 
     ``checkpoint``: recompute the attention in the backward pass instead of keeping its
     ``[q, T]`` scores, probabilities and fp32 copies of K/V for every layer (activation
@@ -45,16 +47,15 @@ class ScaledPromptLayer(DynamicLayer):
         self,
         keys: torch.Tensor,
         values: torch.Tensor,
-        scale: torch.Tensor,
+        scale: torch.Tensor | None,
+        masks: tuple[torch.Tensor, torch.Tensor],
         *,
-        sink: int,
-        recent: int,
         empty_heads: torch.Tensor | None,
         checkpoint: bool = False,
     ):
         super().__init__()
-        self.prompt_k, self.prompt_v, self.scale = keys, values, scale
-        self.sink, self.recent, self.empty_heads, self.checkpoint = sink, recent, empty_heads, checkpoint
+        self.prompt_k, self.prompt_v, self.scale, self.masks = keys, values, scale, masks
+        self.empty_heads, self.checkpoint = empty_heads, checkpoint
         self.is_initialized = True
         self.length = keys.shape[2]
 
@@ -67,7 +68,7 @@ class ScaledPromptLayer(DynamicLayer):
                sinks=None) -> torch.Tensor:
         (k_new, v_new), self.current = self.current, None  # [B, H, q, D]; not kept past this forward
         args = (query, self.prompt_k, self.prompt_v, k_new, v_new, self.scale, sinks)
-        kw = dict(scaling=scaling, softcap=softcap, sink=self.sink, recent=self.recent, empty_heads=self.empty_heads)
+        kw = dict(scaling=scaling, softcap=softcap, masks=self.masks, empty_heads=self.empty_heads)
         if self.checkpoint and torch.is_grad_enabled():
             # Inputs are saved by reference (the prompt K/V are the prompt cache's own tensors).
             return torch.utils.checkpoint.checkpoint(scaled_attention, *args, use_reentrant=False, **kw)
@@ -80,29 +81,28 @@ class ScaledPromptLayer(DynamicLayer):
         return self.length + query_length, 0
 
 
-def scaled_attention(query, prompt_k, prompt_v, k_new, v_new, scale, sinks, *, scaling, softcap, sink, recent,
+def scaled_attention(query, prompt_k, prompt_v, k_new, v_new, scale, sinks, *, scaling, softcap, masks,
                      empty_heads) -> torch.Tensor:
     """The student's attention ``[B, H_q, q, D]`` of the decode-region queries over the prompt
-    K/V and their own (module docstring), in fp32."""
+    K/V and their own (module docstring), in fp32. ``scale`` ``[H, D]`` on the middle keys (None:
+    every key in full, the teacher); ``masks``: (``use_full``, ``visible``) bool ``[q, T]``."""
     K, V = torch.cat([prompt_k, k_new], 2), torch.cat([prompt_v, v_new], 2)  # [B, H, T, D]
     B, Hq, q, D = query.shape
-    H, T = K.shape[1], K.shape[2]
-    G = Hq // H
-    qf = query.float().view(B, H, G, q, D)
-    scale = scale.to(torch.float32)  # [H, D]
-    full = torch.einsum("bhgqd,bhkd->bhgqk", qf, K.float()) * scaling
-    scaled = torch.einsum("bhgqd,bhkd->bhgqk", qf * scale[None, :, None, None, :], K.float()) * scaling
-    i = T - q + torch.arange(q, device=K.device)
-    j = torch.arange(T, device=K.device)
-    use_full = in_full(j, i, torch.zeros(1, dtype=torch.long, device=K.device), sink=sink, recent=recent)[0]  # [q, T]
-    scores = capped(torch.where(use_full, full, scaled), softcap)
-    visible = (j[None, :] <= i[:, None])[None, None, None].expand(B, H, G, q, T)
+    H = K.shape[1]
+    qf = query.float().view(B, H, Hq // H, q, D)
+    kf = K.float()
+    use_full, visible = masks
+    scores = torch.einsum("bhgqd,bhkd->bhgqk", qf, kf) * scaling
+    if scale is not None:
+        scaled = torch.einsum("bhgqd,bhkd->bhgqk", qf * scale.float()[None, :, None, None, :], kf) * scaling
+        scores = torch.where(use_full, scores, scaled)
+    scores = capped(scores, softcap)
     if empty_heads is not None:  # binary stage: heads keeping nothing skip middle keys
-        visible = visible & (use_full | ~empty_heads[None, :, None, None, None])
+        visible = visible & (use_full | ~empty_heads[:, None, None, None])  # [H, 1, q, T]
     scores = scores.masked_fill(~visible, float("-inf"))
     if sinks is not None:  # the model's learned sink logits: one more softmax term per query head, no value
-        scores = torch.cat([scores, sinks.float().view(1, H, G, 1, 1).expand(B, H, G, q, 1)], -1)
-    probs = torch.softmax(scores, dim=-1)[..., :T]
+        scores = torch.cat([scores, sinks.float().view(1, H, -1, 1, 1).expand(B, H, -1, q, 1)], -1)
+    probs = torch.softmax(scores, dim=-1)[..., : K.shape[2]]
     out = torch.einsum("bhgqk,bhkd->bhgqd", probs, V.float())
     return out.view(B, Hq, q, D).to(query.dtype)
 
@@ -150,7 +150,7 @@ def decode_hidden(
     model,
     sample_ids: torch.Tensor,
     prompt: DynamicCache,
-    scale: torch.Tensor,
+    scale: torch.Tensor | None,
     *,
     sink: int,
     recent: int,
@@ -158,8 +158,13 @@ def decode_hidden(
     checkpoint: bool = False,
 ) -> torch.Tensor:
     """Final hidden states ``[1, T - P, hidden]`` of the decode region with ``scale`` ``[rows, H, D]``
-    on middle keys (row ``i``: the ``i``-th compressed layer)."""
+    on middle keys (row ``i``: the ``i``-th compressed layer; None: every key in full, the teacher)."""
     context_end = prompt.get_seq_length()
+    device, total = sample_ids.device, sample_ids.shape[1]
+    i = torch.arange(context_end, total, device=device)  # query positions
+    j = torch.arange(total, device=device)  # key positions
+    masks = (in_full(j, i, torch.zeros(1, dtype=torch.long, device=device), sink=sink, recent=recent)[0],
+             j[None, :] <= i[:, None])  # [q, T] each, shared by every layer
     layers, row = [], 0
     for window, layer in zip(layer_windows(model.config), prompt.layers, strict=True):
         if window is not None:  # a sliding-window layer: dense, over a copy of the prompt K/V
@@ -170,14 +175,13 @@ def decode_hidden(
         layers.append(ScaledPromptLayer(
             layer.keys,
             layer.values,
-            scale[row],
-            sink=sink,
-            recent=recent,
+            None if scale is None else scale[row],
+            masks,
             empty_heads=None if empty_heads is None else empty_heads[row],
             checkpoint=checkpoint,
         ))
         row += 1
-    positions = torch.arange(context_end, sample_ids.shape[1], device=sample_ids.device)[None]
+    positions = i[None]
     out = _decoder(model)(
         input_ids=sample_ids[:, context_end:],
         position_ids=positions,
@@ -204,8 +208,9 @@ def distill_loss(
     """Relative hidden-state MSE of one sample ``[1, T]``, differentiable w.r.t. ``scale``
     ``[L, H, D]``, on the positions that predict answer tokens.
 
-    The teacher is the same decode-region computation with every scale 1 (exactly the
-    full attention, through the same arithmetic), so the loss is 0 at α = 1 in any dtype.
+    The teacher is the same decode-region computation with every key in full (exactly the full
+    attention, through the same arithmetic: a scale of 1 gives the same scores bit for bit), so
+    the loss is 0 at α = 1 in any dtype.
     ``prompt``/``teacher`` may be passed in to reuse them across calls on one sample;
     ``checkpoint``: recompute each layer's attention in the backward pass (less memory, same result).
     """
@@ -217,7 +222,7 @@ def distill_loss(
     kw = dict(sink=sink, recent=recent)
     if teacher is None:
         with torch.no_grad():
-            teacher = decode_hidden(model, sample_ids, prompt, torch.ones_like(scale), **kw)
+            teacher = decode_hidden(model, sample_ids, prompt, None, **kw)
     student = decode_hidden(model, sample_ids, prompt, scale, empty_heads=empty_heads, checkpoint=checkpoint, **kw)
     s = student[0, predict].float()
     t = teacher[0, predict].float()

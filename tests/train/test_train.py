@@ -417,3 +417,70 @@ def test_prompt_pass_padded_to_a_bucket_gives_the_unpadded_kv(arch):
     near = prompt_cache(model, ids, context_end, bucket=32)
     for a, b in zip(plain.layers, near.layers, strict=True):
         assert torch.equal(a.keys, b.keys)
+
+
+def _attention_before_shared_masks(query, prompt_k, prompt_v, k_new, v_new, scale, sinks, *, scaling, softcap,
+                                   masks, empty_heads):
+    """The student's attention as it was written before the masks were shared across layers and the
+    teacher skipped its scaled scores (commit 06e02f1): masks rebuilt per layer from sink/recent
+    (read from the test's globals), the teacher as a scale of ones. The reference for the test below."""
+    from leank.contract import capped, in_full
+
+    sink, recent = _SPLIT
+    if scale is None:
+        scale = torch.ones(prompt_k.shape[1], prompt_k.shape[3])
+    K, V = torch.cat([prompt_k, k_new], 2), torch.cat([prompt_v, v_new], 2)
+    B, Hq, q, D = query.shape
+    H, T = K.shape[1], K.shape[2]
+    G = Hq // H
+    qf = query.float().view(B, H, G, q, D)
+    scale = scale.to(torch.float32)
+    full = torch.einsum("bhgqd,bhkd->bhgqk", qf, K.float()) * scaling
+    scaled = torch.einsum("bhgqd,bhkd->bhgqk", qf * scale[None, :, None, None, :], K.float()) * scaling
+    i = T - q + torch.arange(q)
+    j = torch.arange(T)
+    use_full = in_full(j, i, torch.zeros(1, dtype=torch.long), sink=sink, recent=recent)[0]
+    scores = capped(torch.where(use_full, full, scaled), softcap)
+    visible = (j[None, :] <= i[:, None])[None, None, None].expand(B, H, G, q, T)
+    if empty_heads is not None:
+        visible = visible & (use_full | ~empty_heads[None, :, None, None, None])
+    scores = scores.masked_fill(~visible, float("-inf"))
+    if sinks is not None:
+        scores = torch.cat([scores, sinks.float().view(1, H, G, 1, 1).expand(B, H, G, q, 1)], -1)
+    probs = torch.softmax(scores, dim=-1)[..., :T]
+    out = torch.einsum("bhgqk,bhkd->bhgqd", probs, V.float())
+    return out.view(B, Hq, q, D).to(query.dtype)
+
+
+_SPLIT = (4, 8)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2", "gpt_oss"])  # plain; soft-capping + hybrid; learned sinks
+@pytest.mark.parametrize("recompute", [False, True])
+def test_objective_bit_identical_to_the_per_layer_masks(arch, recompute, monkeypatch):
+    """Masks made once per pass and a teacher without scaled scores are a rewrite of the same
+    arithmetic: the loss and α's gradient equal, bit for bit, those of the attention as written before
+    (both stages, fresh random α and tokens)."""
+    import leank.train.distill as distill
+
+    model = tiny_model(arch, layers=2, head_dim=16, qk_gain=3.0)
+    model.requires_grad_(False)
+    leank.enable(model)
+    gen = torch.Generator().manual_seed(torch.seed() % 2**31)
+    ids = torch.randint(3, 97, (1, 64), generator=gen)
+    answer = torch.zeros(64, dtype=torch.bool)
+    answer[52:] = True
+    shape = leank.masks.kv_shape(model.config)
+    alpha0 = torch.rand(shape, generator=gen)
+    for binary in (False, True):
+        results = []
+        for attention in (distill.scaled_attention, _attention_before_shared_masks):
+            monkeypatch.setattr(distill, "scaled_attention", attention)
+            alpha = alpha0.clone().requires_grad_(True)
+            scale, empty = binary_scale(alpha, 0.5, 4) if binary else (alpha, None)
+            loss = distill_loss(model, ids, 40, answer, scale, sink=_SPLIT[0], recent=_SPLIT[1], empty_heads=empty,
+                                checkpoint=recompute)
+            loss.backward()
+            results.append((loss.detach(), alpha.grad))
+        assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1]), results
+        assert results[0][0] > 0 and results[0][1].abs().sum() > 0
