@@ -3,6 +3,9 @@
 Methods (each the path a user gets):
 
 * ``full`` — ``DynamicCache`` + SDPA, eager: what ``generate()`` does by default;
+* ``full-flash`` — ``full`` with SDPA's cuDNN backend left out (flash, memory-efficient or math):
+  torch picks cuDNN on Hopper, which builds a graph for every new sequence length, and every
+  decode step has one; this is the eager dense path without that cost;
 * ``full-compiled`` — ``StaticCache`` + SDPA under transformers' own compile path
   (``model.get_compiled_call``: its default ``CompileConfig``, mode ``reduce-overhead``,
   i.e. CUDA graphs), as ``generate()`` runs it for a static cache;
@@ -54,11 +57,11 @@ from .cache import cache_kwargs, dense_cache_nbytes
 from .errors import LeanKError
 from .eval.methods import check_quantized_cache, quantized_cache_nbytes
 from .masks import ChannelMask
-from .measure import make_cache, repeat_rows, step_timer
+from .measure import make_cache, repeat_rows, sdpa_backends, step_timer
 from .parallel import launched_world
 
 METHODS = ("full", "full-compiled", "leank-eager", "leank", "leank-int8", "leank-int4", "leank-int4s",
-           "quantized-int4")  # the last: transformers' QuantizedCache (quanto), eager, batch 1
+           "quantized-int4", "full-flash")  # quantized-int4: transformers' QuantizedCache (quanto), eager, batch 1
 DEFAULT_METHODS = METHODS[:4]
 COMPILED = ("full-compiled", "leank", "leank-int8", "leank-int4", "leank-int4s")  # leank-intN[s]: quantised middle
 COMPILE_MODES = ("reduce-overhead", "max-autotune")  # both capture CUDA graphs
@@ -143,10 +146,15 @@ def decode_forward(model, method: str, compile_config=None):
     return model.__call__
 
 
-@torch.inference_mode()
-def run_one(model, method: str, mask, *, batch: int, length: int, steps: int, warmup: int, seed: int = 0,
-            copy_bw: float | None = None, compile_config=None) -> dict:
+def run_one(model, method: str, mask, **kw) -> dict:
     """One (method, batch, prompt length) measurement; see the module docstring."""
+    with sdpa_backends(method):
+        return _run_one(model, method, mask, **kw)
+
+
+@torch.inference_mode()
+def _run_one(model, method: str, mask, *, batch: int, length: int, steps: int, warmup: int, seed: int = 0,
+             copy_bw: float | None = None, compile_config=None) -> dict:
     if method == "quantized-int4" and batch > 1:  # before any work: the prefill would be wasted
         raise LeanKError("quantized-int4 runs at batch 1 only (QuantizedCache's packed codes cannot be repeated "
                          "to more rows)")
@@ -328,7 +336,7 @@ def summarize(rows: list[dict], capacity: list[dict]) -> dict:
             points.setdefault(f"{row['prompt']}x{row['batch']}", {})[row["method"]] = row
     speedup = {}
     for key, by_method in points.items():
-        dense = [by_method[m]["tokens_per_s"] for m in ("full", "full-compiled") if m in by_method]
+        dense = [by_method[m]["tokens_per_s"] for m in ("full", "full-compiled", "full-flash") if m in by_method]
         entry = {}
         if "leank" in by_method and dense:
             entry["leank_over_best_dense"] = by_method["leank"]["tokens_per_s"] / max(dense)

@@ -76,6 +76,36 @@ def test_every_method_runs_on_cpu(arch):
         assert row["kv_gib"] > 0
 
 
+def test_full_flash_leaves_cudnn_out_of_every_forward(monkeypatch):
+    """``full-flash``: the prefill and every decode step run with SDPA's cuDNN backend disabled (and
+    only then: ``full`` keeps torch's default), with the same greedy tokens as ``full`` on the CPU."""
+    import torch.nn.functional as F
+
+    model = tiny_model("llama", layers=2, kv_heads=2, groups=2, head_dim=16, vocab=97)
+    seen, tokens = {}, {}
+    sdpa = F.scaled_dot_product_attention
+
+    def recording(*args, **kwargs):
+        seen.setdefault(method, set()).add(torch.backends.cuda.cudnn_sdp_enabled())
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", recording)
+    argmax = torch.Tensor.argmax
+
+    def record_token(t, *a, **k):
+        out = argmax(t, *a, **k)
+        tokens.setdefault(method, []).append(out.clone())
+        return out
+
+    monkeypatch.setattr(torch.Tensor, "argmax", record_token)
+    for method in ("full", "full-flash"):
+        bench.run_one(model, method, None, batch=2, length=30, steps=5, warmup=2)
+    assert seen == {"full": {True}, "full-flash": {False}}, seen
+    assert len(tokens["full"]) == 8
+    assert all(torch.equal(a, b) for a, b in zip(tokens["full"], tokens["full-flash"], strict=True))
+    assert torch.backends.cuda.cudnn_sdp_enabled()  # restored afterwards
+
+
 def test_quantized_cache_runs_at_batch_one_and_refuses_more_before_any_work(monkeypatch):
     """``quantized-int4``: transformers' QuantizedCache (quanto) at batch 1, its bytes those the
     evaluation counts; batch 3 refused before the prefill (the packed codes cannot be repeated)."""
