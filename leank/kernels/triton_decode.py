@@ -30,7 +30,7 @@ middle programs' loads: codes (a byte, or a nibble of one) and the group's scale
 are read and ``zero + code * scale`` computed in fp32 before the dot, in the same tiles. int4
 tiles of 32 or more channels read each row's bytes as a vector and keep the low and high nibbles
 apart: the dots are split by parity (:func:`_attend_int4_split`), so no register tile is ever
-interleaved (3.4–4.5× faster on an H200 than a byte per lane, which 16-wide tiles still use).
+interleaved (3.2–4.5× faster on an H200 than a byte per lane, which 16-wide tiles still use).
 
 Under ``TRITON_INTERPRET=1`` (CPU tests) loaded values are cast to fp32 before any
 arithmetic: the interpreter mishandles bf16 arithmetic.
