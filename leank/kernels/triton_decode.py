@@ -28,9 +28,11 @@ power of two (96) is padded to the next one in the tiles, the padding lanes mask
 A quantised middle store (``QBITS`` 8 or 4; :mod:`leank.quant`) is dequantised in the
 middle programs' loads: codes (a byte, or a nibble of one) and the group's scale and zero
 are read and ``zero + code * scale`` computed in fp32 before the dot, in the same tiles. int4
-tiles of 32 or more channels read each row's bytes as a vector and keep the low and high nibbles
-apart: the dots are split by parity (:func:`_attend_int4_split`), so no register tile is ever
-interleaved (3.2–4.5× faster on an H200 than a byte per lane, which 16-wide tiles still use).
+reads each row's bytes as a vector and keeps the low and high nibbles apart: the dots are split
+by parity (:func:`_attend_int4_split`), so no register tile is ever interleaved (3.2–4.5× faster
+on an H200 than loading a byte per lane and shifting; interleaving the nibbles with ``tl.join``
+gave wrong tiles on an H200, docs/LOG.md). Its tiles are 32 wide or more (heads keeping 16
+channels or fewer take the 32-wide one), so each half is 16+.
 
 Under ``TRITON_INTERPRET=1`` (CPU tests) loaded values are cast to fp32 before any
 arithmetic: the interpreter mishandles bf16 arithmetic.
@@ -99,29 +101,21 @@ def _affine(code, scale, zero, QBITS: tl.constexpr, SYM: tl.constexpr):
 @triton.jit
 def _dequant(codes, params, rows, valid, cols, n, row_bytes, row_params, QBITS: tl.constexpr, GROUP: tl.constexpr,
              SYM: tl.constexpr):
-    """fp32 values ``[len(rows), len(cols)]`` (``cols`` = ``arange(0, NCOL)``) of quantised rows:
+    """fp32 values ``[len(rows), len(cols)]`` (``cols`` = ``arange(0, NCOL)``) of int8 rows:
     ``row_bytes`` code bytes and ``row_params`` scale/zero entries per row, ``n`` values. Rows not
     ``valid`` and groups past the row come out 0; columns from ``n`` on inside the row's last group
     come out as code 0 dequantised (its zero; symmetric: ``-2^(bits-1)`` scales) — harmless: the query
     is 0 at those K columns, and V lanes from D on are never written out. A row's codes load as one
-    contiguous run of bytes (int8; int4: value ``2j`` in the low nibble of byte ``j``, ``2j + 1`` in the
-    high one, each lane loading its byte), its (scale, zero) pairs (``SYM``: scales) as one run,
-    broadcast over their groups in registers."""
+    contiguous run of bytes, its (scale, zero) pairs (``SYM``: scales) as one run, broadcast over
+    their groups in registers. (int4 rows: :func:`_dequant_halves`.)"""
+    tl.static_assert(QBITS == 8)
     BLOCK: tl.constexpr = rows.shape[0]
     NCOL: tl.constexpr = cols.shape[0]
     GW: tl.constexpr = GROUP if GROUP < NCOL else NCOL  # values per scale within this tile
     NG: tl.constexpr = NCOL // GW
     scale, zero = _group_params(params, rows, valid, row_params, NG, SYM)
-    if QBITS == 8:
-        code = tl.load(codes + rows[:, None] * row_bytes + cols[None, :], mask=valid[:, None] & (cols[None, :] < n),
-                       other=0).to(tl.float32)
-    else:
-        # Each lane loads its own byte (neighbours share it) and shifts out its nibble. Splitting a
-        # vector of bytes with tl.join + reshape instead gave wrong tiles on an H200 (Triton 3.6) in
-        # fp16/bf16 for head_dim 64 / 16-wide tiles, right ones in the interpreter (docs/LOG.md).
-        byte = tl.load(codes + rows[:, None] * row_bytes + (cols // 2)[None, :],
-                       mask=valid[:, None] & (cols[None, :] < 2 * row_bytes), other=0).to(tl.int32)
-        code = ((byte >> ((cols % 2) * 4)[None, :]) & 15).to(tl.float32)
+    code = tl.load(codes + rows[:, None] * row_bytes + cols[None, :], mask=valid[:, None] & (cols[None, :] < n),
+                   other=0).to(tl.float32)
     return tl.reshape(_affine(tl.reshape(code, (BLOCK, NG, GW)), scale, zero, QBITS, SYM), (BLOCK, NCOL))
 
 
@@ -257,15 +251,15 @@ def _middle(acc, m_i, l_i, q_rows, gmask, chan, c, k_base, v_base, lo, hi, qk_sc
             SYM: tl.constexpr, DP: tl.constexpr, o_rows, written):
     """Middle tokens of one head keeping ``c <= KC`` channels: the query gathered at the
     kept channels ``[GP, KC]``, K rows ``kb`` wide (``c`` values; quantised: ``ceil(c * QBITS / 8)`` code bytes).
-    int4 tiles of 32+: :func:`_attend_int4_split`, which writes the partial output itself (``written``
-    comes back true: the caller then writes only the log-sum-exp)."""
+    int4 (tiles of 32+): :func:`_attend_int4_split`, which writes the partial output itself
+    (``written`` comes back true: the caller then writes only the log-sum-exp)."""
     offs_kc = tl.arange(0, KC)
     cmask = offs_kc < c
     ch = tl.load(chan + offs_kc, mask=cmask, other=0)
     q = tl.load(q_rows[:, None] + ch[None, :], mask=gmask[:, None] & cmask[None, :], other=0.0)
     # One return after a compile-time if/else: an early return inside the ``if`` would still
     # compile the plain path below it for 8-bit pointers (tl.dot then refuses K < 32).
-    if QBITS == 4 and KC >= 32:
+    if QBITS == 4:
         m_i, l_i = _attend_int4_split(m_i, l_i, q_rows, gmask, chan, c, qk_scale, cap_scale, k_base, v_base, kp_base,
                                       vp_base, kb, lo, hi, D, o_rows, KC, DP, HAS_CAP, BLOCK, UPCAST, PREC, GROUP,
                                       SYM, acc.shape[0])
@@ -369,11 +363,13 @@ def _leank_decode_kernel(
                 vp_base = MV
                 kb = c
             chan = HEAD_CHAN + h * D
-            # The kept count picks a tile width (a compile-time constant): 16, 32, 64 or DP.
-            if c <= 16:
+            # The kept count picks a tile width (a compile-time constant): 16, 32, 64 or DP. int4 starts
+            # at 32: its reads split tiles by parity, and a dot needs halves of 16+.
+            SMALL: tl.constexpr = 32 if QBITS == 4 else 16
+            if c <= SMALL:
                 acc, m_i, l_i, written = _middle(
                     acc, m_i, l_i, q_rows, gmask, chan, c, k_base, v_base, lo, hi, qk_scale, cap_scale, offs_d, D,
-                    16, HAS_CAP, BLOCK, UPCAST, PREC, kp_base, vp_base, kb, QBITS, GROUP, SYM, DP,
+                    SMALL, HAS_CAP, BLOCK, UPCAST, PREC, kp_base, vp_base, kb, QBITS, GROUP, SYM, DP,
                     WS_O + ws_rows * DP, written)
             elif c <= 32:
                 acc, m_i, l_i, written = _middle(
