@@ -8,10 +8,14 @@
 GGUF_SHA256=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
 mkdir -p ~/m ~/cache
 if [ ! -f ~/m/smollm2.gguf ]; then
-  (shopt -s nullglob; cat ~/m/part[0-9][0-9] .carry2/part[0-9][0-9] > ~/m/smollm2.gguf.tmp) \
-    && [ "$(sha256sum < ~/m/smollm2.gguf.tmp | cut -d' ' -f1)" = "$GGUF_SHA256" ] \
-    && mv ~/m/smollm2.gguf.tmp ~/m/smollm2.gguf \
-    || echo "gpu_setup: the GGUF parts in ~/m and .carry2 do not make the expected file (a part missing?)" >&2
+  parts=$(shopt -s nullglob; echo ~/m/part[0-9][0-9] .carry2/part[0-9][0-9])
+  if [ -n "$parts" ] && cat $parts > ~/m/smollm2.gguf.tmp \
+      && [ "$(sha256sum < ~/m/smollm2.gguf.tmp | cut -d' ' -f1)" = "$GGUF_SHA256" ]; then
+    mv ~/m/smollm2.gguf.tmp ~/m/smollm2.gguf
+  else
+    rm -f ~/m/smollm2.gguf.tmp
+    echo "gpu_setup: the GGUF parts in ~/m and .carry2 (${parts:-none}) do not make the expected file" >&2
+  fi
 fi
 python3 -m pip install -q --no-index --no-deps --target ~/site .whl/*.whl 2>/dev/null || true
 export PYTHONPATH=~/site:$PWD

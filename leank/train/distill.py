@@ -129,13 +129,14 @@ def prompt_cache(model, sample_ids: torch.Tensor, context_end: int, *, bucket: i
     Why: cuDNN attention (torch's SDPA backend on Hopper GPUs) builds a graph for every new sequence
     length, ~3 ms per layer on an H200, and training draws a new length every step — on SmolLM2 ~85 ms
     of a ~0.4 s step (benchmarks/results/train_scale_h200/). Models with sliding-window layers (whose
-    cache keeps only the window) and prompts the padding would take past the model's context run
-    unpadded."""
+    cache keeps only the window), models whose RoPE depends on the sequence length (dynamic NTK,
+    LongRoPE: the padding could change every position's frequencies) and prompts the padding would
+    take past the model's context run unpadded."""
     ids = sample_ids[:, :context_end]
     bucket = bucket or (PROMPT_BUCKET if ids.is_cuda else 1)
     pad = -context_end % bucket
     limit = getattr(model.config, "max_position_embeddings", None) or context_end + pad
-    if pad and context_end + pad <= limit and not any(w is not None for w in layer_windows(model.config)):
+    if pad and context_end + pad <= limit and _length_independent(model):
         ids = torch.cat([ids, ids[:, -1:].expand(-1, pad)], 1)
     cache = DynamicCache()
     with torch.no_grad():
@@ -144,6 +145,19 @@ def prompt_cache(model, sample_ids: torch.Tensor, context_end: int, *, bucket: i
         for layer in cache.layers:
             layer.keys, layer.values = layer.keys[:, :, :context_end], layer.values[:, :, :context_end]
     return cache
+
+
+def _length_independent(model) -> bool:
+    """A position's K/V do not depend on how many tokens follow it: no sliding-window layer (its cache
+    keeps only the last window) and no RoPE whose frequencies follow the sequence length."""
+    if any(w is not None for w in layer_windows(model.config)):
+        return False
+    for module in model.modules():
+        kind = getattr(module, "rope_type", None)
+        kinds = kind.values() if isinstance(kind, dict) else [kind]
+        if any(isinstance(k, str) and ("dynamic" in k or k == "longrope") for k in kinds):
+            return False
+    return True
 
 
 def decode_hidden(

@@ -419,6 +419,35 @@ def test_prompt_pass_padded_to_a_bucket_gives_the_unpadded_kv(arch):
         assert torch.equal(a.keys, b.keys)
 
 
+@pytest.mark.parametrize("rope", ["longrope", "dynamic"])
+def test_prompt_pass_is_not_padded_when_rope_follows_the_length(rope):
+    """LongRoPE switches every position's frequencies when the pass passes a threshold, dynamic NTK
+    rescales them past the trained length: padding the prompt pass there would change its K, so such
+    models run it unpadded (the same K/V bit for bit), even when the padding crosses the threshold."""
+    import transformers
+
+    head_dim, threshold = 16, 50
+    params = (dict(rope_type="longrope", rope_theta=10000.0, original_max_position_embeddings=threshold,
+                   short_factor=[1.0] * (head_dim // 2), long_factor=[4.0] * (head_dim // 2))
+              if rope == "longrope" else dict(rope_type="dynamic", rope_theta=10000.0, factor=2.0))
+    cls_config, cls_model = ((transformers.Phi3Config, transformers.Phi3ForCausalLM) if rope == "longrope"
+                             else (transformers.LlamaConfig, transformers.LlamaForCausalLM))
+    config = cls_config(vocab_size=97, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, head_dim=head_dim, pad_token_id=0,
+                        eos_token_id=1, bos_token_id=2, tie_word_embeddings=False,
+                        max_position_embeddings=1024 if rope == "longrope" else threshold,
+                        original_max_position_embeddings=threshold, rope_parameters=params)
+    config._attn_implementation = "sdpa"
+    model = cls_model(config).eval()
+    model.requires_grad_(False)
+    leank.enable(model)
+    ids = torch.randint(3, 97, (1, 70), generator=torch.Generator().manual_seed(torch.seed() % 2**31))
+    plain = prompt_cache(model, ids, 40, bucket=1)
+    padded = prompt_cache(model, ids, 40, bucket=32)  # 40 -> 64 would cross the threshold of 50
+    for a, b in zip(plain.layers, padded.layers, strict=True):
+        assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+
+
 def _attention_before_shared_masks(query, prompt_k, prompt_v, k_new, v_new, scale, sinks, *, scaling, softcap,
                                    masks, empty_heads):
     """The student's attention as it was written before the masks were shared across layers and the
@@ -472,12 +501,15 @@ def test_objective_bit_identical_to_the_per_layer_masks(arch, recompute, monkeyp
     answer[52:] = True
     shape = leank.masks.kv_shape(model.config)
     alpha0 = torch.rand(shape, generator=gen)
+    alpha0[0, 1] *= 0.01  # the binary stage then empties this head (its middle keys skipped)
+    current = distill.scaled_attention  # (read once: the loop below patches the module)
     for binary in (False, True):
         results = []
-        for attention in (distill.scaled_attention, _attention_before_shared_masks):
+        for attention in (current, _attention_before_shared_masks):
             monkeypatch.setattr(distill, "scaled_attention", attention)
             alpha = alpha0.clone().requires_grad_(True)
             scale, empty = binary_scale(alpha, 0.5, 4) if binary else (alpha, None)
+            assert not binary or empty.any()
             loss = distill_loss(model, ids, 40, answer, scale, sink=_SPLIT[0], recent=_SPLIT[1], empty_heads=empty,
                                 checkpoint=recompute)
             loss.backward()
