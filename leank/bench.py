@@ -14,7 +14,11 @@ Methods (each the path a user gets):
 * ``leank-int8`` / ``leank-int4`` / ``leank-int4s`` — ``leank`` with a quantised middle store;
 * ``quantized-int4`` — transformers' ``QuantizedCache`` (quanto, needs ``optimum-quanto``),
   eager, batch 1: the dense quantised baseline of ``leank eval``'s ``quantized:int4`` (its byte
-  floor counts the bytes it holds, not the dense copy it dequantises to at every step).
+  floor counts the bytes it holds, not the dense copy it dequantises to at every step);
+* any compiled method with ``-fused`` (``leank-fused``, ``full-compiled-fused``, …) — the same with
+  the model's q/k/v and gate/up projections fused into one GEMM each (:mod:`leank.fuse`, what
+  ``leank.fuse_projections(model)`` gives a user); the model is fused and unfused between rows, so
+  both forms run side by side in one process.
 
 For each method, prompt length ``T`` and batch ``B``: one row's prompt is prefilled eagerly
 (TTFT: the forward over the prompt plus, for LeanK, storing it), the cache is repeated to
@@ -64,6 +68,10 @@ METHODS = ("full", "full-compiled", "leank-eager", "leank", "leank-int8", "leank
            "quantized-int4", "full-flash")  # quantized-int4: transformers' QuantizedCache (quanto), eager, batch 1
 DEFAULT_METHODS = METHODS[:4]
 COMPILED = ("full-compiled", "leank", "leank-int8", "leank-int4", "leank-int4s")  # leank-intN[s]: quantised middle
+FUSED = "-fused"  # suffix of a compiled method: the model's projections fused (leank.fuse)
+METHODS += tuple(m + FUSED for m in COMPILED)
+COMPILED += tuple(m + FUSED for m in COMPILED)
+DENSE = ("full", "full-compiled", "full-flash")
 COMPILE_MODES = ("reduce-overhead", "max-autotune")  # both capture CUDA graphs
 LLAMA_8B_SHAPE = "llama3.1-8b-shape"
 
@@ -148,8 +156,12 @@ def decode_forward(model, method: str, compile_config=None):
 
 def run_one(model, method: str, mask, **kw) -> dict:
     """One (method, batch, prompt length) measurement; see the module docstring."""
-    with sdpa_backends(method):
-        return _run_one(model, method, mask, **kw)
+    from .fuse import fuse_projections, unfuse_projections
+
+    base = method.removesuffix(FUSED)
+    (fuse_projections if base != method else unfuse_projections)(model)
+    with sdpa_backends(base):
+        return dict(_run_one(model, base, mask, **kw), method=method)
 
 
 @torch.inference_mode()
@@ -336,11 +348,12 @@ def summarize(rows: list[dict], capacity: list[dict]) -> dict:
             points.setdefault(f"{row['prompt']}x{row['batch']}", {})[row["method"]] = row
     speedup = {}
     for key, by_method in points.items():
-        dense = [by_method[m]["tokens_per_s"] for m in ("full", "full-compiled", "full-flash") if m in by_method]
+        dense = [r["tokens_per_s"] for m, r in by_method.items() if m.removesuffix(FUSED) in DENSE]
         entry = {}
-        if "leank" in by_method and dense:
-            entry["leank_over_best_dense"] = by_method["leank"]["tokens_per_s"] / max(dense)
-        for m in ("leank", "full-compiled"):
+        for m in ("leank", "leank" + FUSED):
+            if m in by_method and dense:
+                entry[f"{m}_over_best_dense"] = by_method[m]["tokens_per_s"] / max(dense)
+        for m in ("leank", "leank" + FUSED, "full-compiled", "full-compiled" + FUSED):
             if m in by_method and "floor_ms" in by_method[m]:
                 entry[f"{m}_step_over_own_floor"] = by_method[m]["step_ms_median"] / by_method[m]["floor_ms"]
         if "leank" in by_method and "quantized-int4" in by_method:

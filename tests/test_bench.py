@@ -24,7 +24,7 @@ def test_bench_refuses_cleanly_without_cuda_or_with_bad_input(capsys):
 
 def test_summary_ratios_from_rows():
     gen = torch.Generator().manual_seed(torch.seed() % 2**31)
-    full, compiled, lean = (torch.rand(3, generator=gen) * 100 + 1).tolist()
+    full, compiled, lean, fused, compiled_fused = (torch.rand(5, generator=gen) * 100 + 1).tolist()
     floor = float(torch.rand(1, generator=gen)) + 0.1
     rows = [
         {"method": "full", "batch": 7, "prompt": 512, "tokens_per_s": full, "step_ms_median": 7e3 / full,
@@ -34,12 +34,18 @@ def test_summary_ratios_from_rows():
          "floor_ms": floor},
         {"method": "leank", "batch": 9, "prompt": 512, "tokens_per_s": 1.0, "note": "max batch"},  # not a grid point
         {"method": "quantized-int4", "batch": 7, "prompt": 512, "tokens_per_s": full / 3},
+        {"method": "leank-fused", "batch": 7, "prompt": 512, "tokens_per_s": fused, "step_ms_median": 7e3 / fused,
+         "floor_ms": floor},
+        {"method": "full-compiled-fused", "batch": 7, "prompt": 512, "tokens_per_s": compiled_fused},
     ]
     capacity = [{"method": "full", "prompt": 512, "cached_tokens": 3 * 548},
                 {"method": "leank", "prompt": 512, "cached_tokens": 5 * 548}]
     summary = bench.summarize(rows, capacity)
     ratios = summary["ratios"]["512x7"]
-    assert abs(ratios["leank_over_best_dense"] - lean / max(full, compiled)) < 1e-12
+    best_dense = max(full, compiled, compiled_fused)  # a fused dense method is dense
+    assert abs(ratios["leank_over_best_dense"] - lean / best_dense) < 1e-12
+    assert abs(ratios["leank-fused_over_best_dense"] - fused / best_dense) < 1e-12
+    assert abs(ratios["leank-fused_step_over_own_floor"] - 7e3 / fused / floor) < 1e-9
     assert abs(ratios["leank_step_over_own_floor"] - 7e3 / lean / floor) < 1e-9
     assert abs(ratios["leank_step_over_dense_floor"] - 7e3 / lean / (2 * floor)) < 1e-9
     assert abs(ratios["leank_over_quantized_int4"] - lean / (full / 3)) < 1e-9
