@@ -33,9 +33,13 @@ def register(subparsers) -> None:
     p.add_argument("--workers", type=int, default=2, help="data-generation worker processes")
     p.add_argument("--validation-samples", type=int, default=16, help="held-out samples for validation losses")
     p.add_argument("--fsdp", action="store_true", help="under torchrun: shard the frozen model (FSDP2 fully_shard)")
-    p.add_argument("--no-recompute", dest="recompute", action="store_false",
-                   help="keep every layer's attention activations for the backward pass instead of recomputing "
-                        "them (same result; more memory, less compute)")
+    recompute = p.add_mutually_exclusive_group()
+    recompute.add_argument("--recompute", dest="recompute", action="store_const", const=True, default=None,
+                           help="recompute each layer's attention in the backward pass (same result; less memory, "
+                                "more time). Default: auto — off when the memory check's longest sample peaks "
+                                "below 80%% of the GPU, on otherwise (and under --fsdp)")
+    recompute.add_argument("--no-recompute", dest="recompute", action="store_const", const=False,
+                           help="keep every layer's attention activations for the backward pass")
     p.add_argument("--stage1-alpha", default=None, metavar="PATH",
                    help="alpha.safetensors of an earlier run's finished stage 1 (same model): skip stage 1 and "
                         "run stage 2 for each --sparsity from it")

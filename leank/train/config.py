@@ -50,7 +50,9 @@ class TrainConfig:
     workers: int = 2
     validation_samples: int = 16  # held-out samples for the before/after-binarisation losses
     fsdp: bool = False  # under torchrun: shard the frozen model with FSDP2 (memory only, same result)
-    recompute: bool = True  # recompute each layer's attention in the backward pass (memory only, same result)
+    # recompute each layer's attention in the backward pass (memory only, same result); None: auto, decided by
+    # the trainer's memory check (off when the longest sample fits comfortably, see Trainer.check_memory)
+    recompute: bool | None = None
     stage1_alpha: str | None = None  # alpha.safetensors of a finished stage 1 (same model): stage 1 skipped
     # "last": each mask from stage 2's α (the paper's recipe); "best": from stage 1's α binarised instead when
     # stage 2 raised the binarised mask's held-out loss (the two can land at slightly different sparsities)

@@ -516,3 +516,38 @@ def test_objective_bit_identical_to_the_per_layer_masks(arch, recompute, monkeyp
             results.append((loss.detach(), alpha.grad))
         assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1]), results
         assert results[0][0] > 0 and results[0][1].abs().sum() > 0
+
+
+@pytest.mark.parametrize("case", ["fits", "tight", "oom", "forced-on", "forced-off", "fsdp", "cpu"])
+def test_auto_recompute_follows_the_memory_check(case, monkeypatch):
+    """``recompute`` None (auto): off when the longest sample peaks below 80% of the GPU, on when it
+    peaks above or runs out of memory (the check then runs again with recomputation); an explicit
+    setting is kept; FSDP means on, the CPU off."""
+    from types import SimpleNamespace
+
+    import leank.train.trainer as trainer_module
+
+    gib = 2**30
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (0, 100 * gib))
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    first_peak = {"fits": 79.0, "tight": 81.0}.get(case, 10.0)
+    calls = []
+
+    def longest_sample():
+        calls.append(trainer.recompute)
+        if case == "oom" and len(calls) == 1:
+            raise trainer_module._OutOfMemory("out of GPU memory")
+        return {"tokens": 8, "peak_gib": first_peak if len(calls) == 1 else 5.0}
+
+    requested = {"forced-on": True, "forced-off": False}.get(case)
+    trainer = SimpleNamespace(
+        cfg=SimpleNamespace(recompute=requested, fsdp=case == "fsdp"),
+        device=torch.device("cpu" if case == "cpu" else "cuda"),
+        dist=SimpleNamespace(enabled=False), recompute=None, _longest_sample=longest_sample,
+    )
+    out = trainer_module.Trainer.check_memory(trainer)
+    expected = {"fits": (False, [False]), "tight": (True, [False, True]), "oom": (True, [False, True]),
+                "forced-on": (True, [True]), "forced-off": (False, [False]), "fsdp": (True, [True]),
+                "cpu": (False, [False])}[case]
+    assert (trainer.recompute, calls) == expected
+    assert out["recompute"] is expected[0]
