@@ -83,9 +83,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--repeats", type=int, default=50)
+    parser.add_argument("--blas", choices=["cublas", "cublaslt"], default=None,
+                        help="torch.backends.cuda.preferred_blas_library (default: torch's choice)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     device = torch.device("cuda")
+    if args.blas:
+        torch.backends.cuda.preferred_blas_library(args.blas)
     copy = copy_bandwidth(device)
     weight_bytes = LAYERS * 2 * HIDDEN * (HEADS * HEAD_DIM * 2 + 2 * KV_HEADS * HEAD_DIM + 3 * FFN)
     rows = []
@@ -103,11 +107,12 @@ def main() -> None:
               f"{r['unfused_of_copy']:.0%} → {r['fused_of_copy']:.0%} |")
     result = {"gpu": torch.cuda.get_device_name(device), "torch": torch.__version__,
               "python": platform.python_version(), "copy_tb_s": round(copy / 1e12, 3),
-              "repeats": args.repeats, "rows": rows}
+              "repeats": args.repeats, "blas": str(torch.backends.cuda.preferred_blas_library()), "rows": rows}
     print(json.dumps(result))
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "fused_projections.json").write_text(json.dumps(result, indent=1) + "\n")
+        name = f"fused_projections{'_' + args.blas if args.blas else ''}.json"
+        (args.out / name).write_text(json.dumps(result, indent=1) + "\n")
 
 
 if __name__ == "__main__":
