@@ -278,17 +278,6 @@ def load(model_name: str, mask_path: str | None, device):
     return model, mask
 
 
-def bench(model_name: str, *, freeze: bool = False, **kwargs) -> dict:
-    """:func:`measure`, with ``freeze``: the compiled methods under inductor's freezing (weights
-    as constants; its concat-linear patterns fuse the projections that share an input — q/k/v,
-    gate/up — into one GEMM each, at the cost of a fused copy of those weights, since the module
-    keeps its own for the eager prefill)."""
-    import torch._inductor.config as inductor_config
-
-    with inductor_config.patch(freezing=freeze):
-        return dict(measure(model_name, **kwargs), inductor_freezing=freeze)
-
-
 def measure(model_name: str, *, mask_path=None, lengths=(8192,), batches=(1,), budget_gib=None, methods=DEFAULT_METHODS,
             steps=32, warmup=4, compile_mode=None, progress=print) -> dict:
     if not torch.cuda.is_available():
@@ -394,7 +383,7 @@ def markdown(result: dict, environment: dict) -> str:
         f"{environment.get('transformers')}, triton {environment.get('triton')}; copy bandwidth "
         f"{result['copy_tb_s']:.2f} TB/s (read + write, measured in this run).",
         f"Command: `{environment.get('command')}`; compile mode of the compiled methods: "
-        f"{result.get('compile_mode', 'default')}, inductor freezing: {result.get('inductor_freezing', False)}.",
+        f"{result.get('compile_mode', 'default')}.",
         "",
         "Step = median of the timed steps (CUDA events). Read = weights read + KV bytes needed per step; "
         "floor = read / copy bandwidth; MBU = floor / step.",
@@ -439,10 +428,6 @@ def register(sub) -> None:
     p.add_argument("--compile-mode", default=None, choices=COMPILE_MODES,
                    help="torch.compile mode of the compiled methods (default: transformers' CompileConfig, "
                         "reduce-overhead)")
-    p.add_argument("--freeze", action="store_true",
-                   help="compile with inductor's freezing (weights as constants; q/k/v and gate/up fused into "
-                        "one GEMM each, at the cost of a fused copy of those weights; on an H200 at 8B shape: "
-                        "no faster, +7 GiB peak)")
     p.add_argument("--out", default=None, help="directory for results.json and results.md")
     tp = p.add_argument_group("tensor parallelism (transformers tp_plan='auto'; on by itself under torchrun with 2+ "
                               "processes; --model: a random-weight shape or a local model directory)")
@@ -480,9 +465,9 @@ def _main(args) -> int:
     args.methods = args.methods or list(DEFAULT_METHODS)
     if any(m in COMPILED for m in args.methods) and args.warmup < 3:
         raise LeanKError("compiled methods need --warmup >= 3 (compilation and CUDA-graph recording happen there)")
-    result = bench(args.model, mask_path=args.mask, lengths=args.lengths, batches=args.batches,
+    result = measure(args.model, mask_path=args.mask, lengths=args.lengths, batches=args.batches,
                    budget_gib=args.budget_gib, methods=args.methods, steps=args.steps, warmup=args.warmup,
-                   compile_mode=args.compile_mode, freeze=args.freeze)
+                   compile_mode=args.compile_mode)
     env = environment(shlex.join(["leank", *args.argv]))
     text = markdown(result, env)
     print(text)

@@ -69,8 +69,6 @@ def argv_from_bench(args) -> list[str]:
     for name in ("budget_gib", "compile_mode"):
         if getattr(args, name) is not None:
             raise LeanKError(f"--{name.replace('_', '-')} does not apply under tensor parallelism")
-    if args.freeze:
-        raise LeanKError("--freeze does not apply under tensor parallelism")
     if not args.out:
         raise LeanKError("under tensor parallelism --out is required (results.json, results.md, tokens.json)")
     argv = [f"--model={args.model}", "--points", *[f"{b}x{t}" for t in args.lengths for b in args.batches],

@@ -6,9 +6,6 @@ the sequence grows, no graph break)."""
 
 from __future__ import annotations
 
-import re
-import shutil
-
 import pytest
 import torch
 from torch._dynamo.utils import counters
@@ -100,53 +97,3 @@ def test_eager_steps_after_compiled_ones_still_check_max_length():
     with pytest.raises(leank.LeanKError, match="built for max_length=45"):
         model.generate(input_ids=out, attention_mask=torch.ones_like(out), max_new_tokens=3, min_new_tokens=3,
                        disable_compile=True, **kw)
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "c++", "clang++")),
-                    reason="inductor on CPU needs a C++ compiler")
-def test_inductor_freezing_fuses_projections_and_keeps_tokens():
-    """``leank bench --freeze`` on the CPU in miniature: inductor (real code generation, not the
-    eager backend) with freezing compiles the LeanK step with q/k/v and gate/up fused into one
-    GEMM each, and decodes the same greedy tokens as eager while tokens move into the middle."""
-    import torch._inductor.config as inductor_config
-    from torch._inductor.utils import run_and_get_code
-
-    gen = torch.Generator().manual_seed(torch.seed() % 2**31)
-    model = tiny_model("llama", layers=2, kv_heads=2, groups=2, head_dim=16, qk_gain=3.0).eval()
-    mask = leank.ChannelMask.random(2, 2, 16, sparsity=0.5, alignment=4, generator=gen)
-    leank.enable(model)
-    ids = torch.randint(3, model.config.vocab_size, (1, 40), generator=gen)
-    cfg = model.config
-    hidden, kv = cfg.hidden_size, cfg.num_key_value_heads * cfg.head_dim
-    tokens, widths = [], None
-    torch._dynamo.reset()
-    # the concat-linear patterns run on CUDA as is; on the CPU they are gated on this flag
-    with torch.inference_mode(), inductor_config.patch(freezing=True, **{"cpp.enable_concat_linear": True}):
-        for compiled in (False, True):
-            cache = leank.LeanKCache(model, mask, sink=3, recent=5, max_length=60)
-            kw = leank.cache_kwargs(cache)
-            token = model(input_ids=ids, logits_to_keep=1, **kw).logits[:, -1].argmax(-1, keepdim=True)
-            forward = torch.compile(model.forward, fullgraph=True) if compiled else model.forward
-            seq = []
-            for step in range(12):
-                if compiled and step == 0:
-                    out, code = run_and_get_code(forward, input_ids=token, logits_to_keep=1, **kw)
-                    widths = gemm_widths("\n".join(code))
-                else:
-                    out = forward(input_ids=token, logits_to_keep=1, **kw)
-                token = out.logits[:, -1].argmax(-1, keepdim=True)
-                seq.append(int(token))
-            tokens.append(seq)
-            assert cache.layers[0].middle_length() > 0
-    torch._dynamo.reset()
-    assert tokens[0] == tokens[1]
-    # per layer: q/k/v as one GEMM, o, gate/up as one GEMM, down; then the LM head
-    layer = [hidden + 2 * kv, hidden, 2 * cfg.intermediate_size, hidden]
-    assert widths == layer * cfg.num_hidden_layers + [cfg.vocab_size], widths
-
-
-def gemm_widths(source: str) -> list[int]:
-    """Output widths of the matrix products in inductor's generated code for one token (oneDNN/MKL
-    linear or extern mm/addmm on the CPU), from the size assertions it emits after each call."""
-    return [int(w) for w in re.findall(r"assert_size_stride\(\w+, \(1, (\d+)\).*(?:linear|mm)'\)", source)]

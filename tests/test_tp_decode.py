@@ -132,7 +132,6 @@ def test_leank_bench_options_become_points_and_eager_methods(tmp_path, model_and
 @pytest.mark.parametrize("args, message", [
     (["--tensor-parallel", "--methods", "leank"], "under tensor parallelism the methods are full and leank-eager"),
     (["--tensor-parallel", "--budget-gib", "10"], "--budget-gib does not apply under tensor parallelism"),
-    (["--tensor-parallel", "--freeze"], "--freeze does not apply under tensor parallelism"),
     (["--tensor-parallel"], "under tensor parallelism --out is required"),
     (["--dtype", "float32"], "--reference, --dtype and --scratch belong to --tensor-parallel runs"),
     (["--tensor-parallel", "--lengths", "0", "--out", "o"], "--lengths must be positive integers, got [0]"),
