@@ -11,7 +11,8 @@ Methods (each the path a user gets):
   i.e. CUDA graphs), as ``generate()`` runs it for a static cache;
 * ``leank-eager`` — ``LeanKCache(max_length=...)``, the decode kernel, eager;
 * ``leank`` — the same cache under the same compile path (what ``generate()`` does on CUDA);
-* ``leank-int8`` / ``leank-int4`` / ``leank-int4s`` — ``leank`` with a quantised middle store;
+* ``leank-int8`` / ``leank-int4`` / ``leank-int4s`` / ``leank-int4sr`` — ``leank`` with a quantised middle
+  store (:mod:`leank.quant`; ``r``: K rotated);
 * ``quantized-int4`` — transformers' ``QuantizedCache`` (quanto, needs ``optimum-quanto``),
   eager, batch 1: the dense quantised baseline of ``leank eval``'s ``quantized:int4`` (its byte
   floor counts the bytes it holds, not the dense copy it dequantises to at every step);
@@ -65,9 +66,9 @@ from .measure import make_cache, repeat_rows, sdpa_backends, step_timer
 from .parallel import launched_world
 
 METHODS = ("full", "full-compiled", "leank-eager", "leank", "leank-int8", "leank-int4", "leank-int4s",
-           "quantized-int4", "full-flash")  # quantized-int4: transformers' QuantizedCache (quanto), eager, batch 1
+           "quantized-int4", "full-flash", "leank-int4sr")  # quantized-int4: QuantizedCache (quanto), eager, batch 1
 DEFAULT_METHODS = METHODS[:4]
-COMPILED = ("full-compiled", "leank", "leank-int8", "leank-int4", "leank-int4s")  # leank-intN[s]: quantised middle
+COMPILED = ("full-compiled", "leank", "leank-int8", "leank-int4", "leank-int4s", "leank-int4sr")  # leank-<format>
 FUSED = "-fused"  # suffix of a compiled method: the model's projections fused (leank.fuse)
 METHODS += tuple(m + FUSED for m in COMPILED)
 COMPILED += tuple(m + FUSED for m in COMPILED)

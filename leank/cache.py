@@ -41,7 +41,7 @@ from .errors import LeanKError
 from .kernels import decode_attention, decode_attention_torch, fused_store, resolve_backend, store_step
 from .masks import ChannelMask, check_window
 from .parallel import kv_head_rows
-from .quant import KVQuant, quantize
+from .quant import KVQuant, hadamard, quantize, rotation_block
 
 
 def _nbytes(*tensors: torch.Tensor | None) -> int:
@@ -83,7 +83,7 @@ class LeanKLayer(DynamicLayer):
         self.length = 0  # tokens stored (host copy of `seen`; not kept up by compiled steps)
         self.capacity = 0  # middle token slots, scratch excluded
         self.sink_k = self.sink_v = self.ring_k = self.ring_v = self.mid_k = self.mid_v = self.pads = None
-        self.mid_kp = self.mid_vp = None
+        self.mid_kp = self.mid_vp = self.rotation = None
         self.sink_full = False
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -132,10 +132,30 @@ class LeanKLayer(DynamicLayer):
         self.seen = torch.zeros((), **long)
         self.c0 = torch.zeros((), **long)
         self._c0 = 0
+        # KVQuant(rotate=True): a Hadamard block over the packed kept channels (leank.quant)
+        block = rotation_block(self.head_counts, self.quant.group) if self.quant and self.quant.rotate else 1
+        self.rotation = hadamard(block, device=dev) if block > 1 else None
         # Static too: CUDA graphs copy every non-static tensor input in at each replay.
         _mark_static(*self.tables, self.k_src, self.k_head_off, self.k_col, self.k_step, self.v_src,
-                     self.v_head_off, self.v_col, *self._quant_index())
+                     self.v_head_off, self.v_col, *self._quant_index(), *self._rotation())
         self.is_initialized = True
+
+    # ---- rotated K (KVQuant(rotate=True); leank.quant) ---------------------------------
+    def _rotation(self) -> list[torch.Tensor]:
+        return [self.rotation] if self.rotation is not None else []
+
+    def _rotated(self, x: torch.Tensor) -> torch.Tensor:
+        """K ``[B, H, T, D]`` or queries ``[B, H * G, T, D]`` with every KV head's kept channels
+        rotated (block Hadamard; the others as they are); unchanged without rotation."""
+        if self.rotation is None:
+            return x
+        B, HG, T, D = x.shape
+        H, block = self.num_kv_heads, self.rotation.shape[0]
+        flat = x.view(B, H, HG // H, T, D).permute(0, 2, 3, 1, 4).reshape(B, HG // H, T, H * D)
+        kept = flat.index_select(-1, self.k_src).float()  # [B, G, T, sum(c)]: the heads' kept channels in order
+        turned = (kept.unflatten(-1, (-1, block)) @ self.rotation).flatten(-2).to(x.dtype)
+        flat = flat.index_copy(-1, self.k_src, turned)
+        return flat.view(B, HG // H, T, H, D).permute(0, 3, 1, 2, 4).reshape(B, HG, T, D)
 
     # ---- the quantised middle store (leank.contract; leank.quant) -----------------------
     def _k_row(self, c: int) -> int:
@@ -179,19 +199,20 @@ class LeanKLayer(DynamicLayer):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         q = key_states.shape[-2]
-        if self.view is None:  # the prompt: SDPA over it, then `after_prefill` stores it
+        stored = self._rotated(key_states)  # what the stores hold (rotated K: attend() rotates the queries)
+        if self.view is None:  # the prompt: SDPA over it (as the model gave it), then `after_prefill` stores it
             self.batch = key_states.shape[0]
-            self.pending = (key_states, value_states)
-            handle = Handle(self, prompt=self.pending)
+            self.pending = (stored, value_states)
+            handle = Handle(self, prompt=(key_states, value_states))
         elif q == 1:
             if not torch.compiler.is_compiling():
                 self._reserve(self.length + 1)
                 self.length += 1
-            self._step(key_states, value_states)
+            self._step(stored, value_states)
             handle = Handle(self)
         else:
             self._reserve(int(self.seen) + q)
-            self.pending = (key_states, value_states)
+            self.pending = (stored, value_states)
             handle = Handle(self)
         return handle, handle
 
@@ -209,6 +230,7 @@ class LeanKLayer(DynamicLayer):
         score terms (``softcap``, ``sinks`` ``[H_q]``; see :mod:`leank.contract`). Padding is taken
         from the prompt (left padding); later steps must not add any."""
         sinks = sinks.detach() if sinks is not None else None
+        query = self._rotated(query)
         if self.pending is not None:  # several tokens after the prompt: exact torch path, then store
             self._refuse_new_padding(attention_mask, self.pending[0].shape[2])
             out = decode_attention_torch(query, self.view, scaling, softcap=softcap, sinks=sinks, pending=self.pending)
@@ -470,7 +492,8 @@ class LeanKLayer(DynamicLayer):
 
     def _index_tensors(self) -> list[torch.Tensor]:
         return [*self.tables, self.pads, self.seen, self.c0, self.k_src, self.k_head_off, self.k_col, self.k_step,
-                self.v_src, self.v_head_off, self.v_col, self.k_base, self.v_base, *self._quant_index()]
+                self.v_src, self.v_head_off, self.v_col, self.k_base, self.v_base, *self._quant_index(),
+                *self._rotation()]
 
     def nbytes(self) -> int:
         """Bytes of every tensor this layer holds (capacity, not just the used part; after

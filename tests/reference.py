@@ -44,10 +44,14 @@ def _reference_attention(module, query, key, value, attention_mask, scaling=None
     if stored is not None:  # the middle as stored: checked against the true K/V, then used
         kq, vq, known, k_step, v_step = (x[:, :, :T] for x in stored)
         kk = vk = known[..., None]
-        k_err = ((kq - key.double()) * kept[None, :, None, :]).abs().masked_fill(~kk, 0)
+        rotation = plan.get("rotation", {}).get(module.layer_idx)  # [H, D, D]: K stored as key @ rotation[h]
+        true_k = key.double() if rotation is None else torch.einsum("bhtd,hde->bhte", key.double(), rotation)
+        k_err = ((kq - true_k) * kept[None, :, None, :]).abs().masked_fill(~kk, 0)
         v_err = (vq - value.double()).abs().masked_fill(~vk, 0)
         k_over, v_over = (k_err - k_step / 2).max().item(), (v_err - v_step / 2).max().item()
         assert k_over <= 1e-5 and v_over <= 1e-5, f"stored middle is off by {k_over:.3g} (K), {v_over:.3g} (V)"
+        if rotation is not None:  # back to the model's basis (orthonormal: the inverse is the transpose)
+            kq = torch.einsum("bhte,hde->bhtd", kq, rotation)
         k = torch.where(kk, kq, key.double()).repeat_interleave(G, dim=1)
         v_masked = torch.where(vk, vq, value.double()).repeat_interleave(G, dim=1)
     masked = torch.einsum("bhtd,bhpd->bhtp", q, k * kept_q[None, :, None, :]) * scaling
@@ -81,11 +85,14 @@ def _reference_attention(module, query, key, value, attention_mask, scaling=None
 AttentionInterface.register(NAME, _reference_attention)
 
 
-def reference_logits(model, sequences, attention_mask, *, kept, prompt_len, sink, recent, layers=None, stored=None):
+def reference_logits(model, sequences, attention_mask, *, kept, prompt_len, sink, recent, layers=None, stored=None,
+                     rotation=None):
     """Logits ``[B, T, V]`` of the masked-dense reference for full ``sequences`` ``[B, T]``.
     ``kept`` ``[rows, H, D]``: row ``i`` is model layer ``layers[i]`` (default: layer ``i``).
     ``stored``: per row, a quantised middle store read out of a cache (module docstring):
-    ``(K, V, known, K step, V step)`` float64 ``[B, H, T', D]`` (``known`` bool ``[B, H, T']``)."""
+    ``(K, V, known, K step, V step)`` float64 ``[B, H, T', D]`` (``known`` bool ``[B, H, T']``).
+    ``rotation``: per row, float64 ``[H, D, D]`` orthonormal matrices the stored K was multiplied by
+    (``K @ rotation[h]``), or None."""
     layers = range(len(kept)) if layers is None else layers
     pads = (attention_mask[:, :prompt_len] == 0).sum(-1).tolist()
     full_mask = torch.cat(
@@ -98,6 +105,8 @@ def reference_logits(model, sequences, attention_mask, *, kept, prompt_len, sink
     }
     if stored is not None:
         plan["stored"] = dict(zip(layers, stored, strict=True))
+    if rotation is not None:
+        plan["rotation"] = dict(zip(layers, rotation, strict=True))
     previous = model.config._attn_implementation
     model.set_attn_implementation(NAME)
     try:

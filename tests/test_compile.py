@@ -22,8 +22,10 @@ def cpu_compile_config() -> CompileConfig:
     return config
 
 
-@pytest.mark.parametrize("sampling", [False, True], ids=["greedy", "sampling"])
-def test_generate_compiled_equals_eager(sampling):
+@pytest.mark.parametrize("sampling, quant", [(False, None), (True, None),
+                                             (False, leank.KVQuant(4, 8, symmetric=True, rotate=True))],
+                         ids=["greedy", "sampling", "greedy-int4g8sr"])
+def test_generate_compiled_equals_eager(sampling, quant):
     gen = torch.Generator().manual_seed(torch.seed() % 2**31)
     model = tiny_model("llama", layers=2, kv_heads=2, groups=2, head_dim=16, qk_gain=3.0)
     mask = leank.ChannelMask.random(2, 2, 16, sparsity=0.5, alignment=4, generator=gen)
@@ -36,13 +38,14 @@ def test_generate_compiled_equals_eager(sampling):
     torch._dynamo.reset()
     counters.clear()
     for compiled in (False, True):
-        cache = leank.LeanKCache(model, mask, sink=3, recent=5, max_length=ids.shape[1] + 25)
+        cache = leank.LeanKCache(model, mask, sink=3, recent=5, max_length=ids.shape[1] + 25, quant=quant)
         assert cache.is_compileable
         torch.manual_seed(seed)
         mode = dict(compile_config=cpu_compile_config()) if compiled else dict(disable_compile=True)
         outs.append(model.generate(**kw, **mode, **leank.cache_kwargs(cache)))
         # tokens moved into the middle store on the way
         assert cache.layers[0].middle_length() > 0
+        assert (cache.layers[0].rotation is not None) == (quant is not None)  # a mask keeping 4/8/12 channels
     assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
     assert torch.equal(outs[0], outs[1])
 

@@ -97,6 +97,26 @@ def test_bad_configs_and_names():
     assert parse_quant(KVQuant(8, 16, True).label) == KVQuant(8, 16, True)
     with pytest.raises(LeanKError, match="symmetric"):
         KVQuant(4, 32, symmetric=1)
-    for bad in ("int3", "fp8", "int4g", "int4gx", "int", "int4ss", "s"):
+    assert parse_quant("int4sr") == KVQuant(4, 32, symmetric=True, rotate=True)
+    assert KVQuant(8, 64, rotate=True).label == "int8g64r" and parse_quant("int8g64r") == KVQuant(8, 64, rotate=True)
+    with pytest.raises(LeanKError, match="rotate"):
+        KVQuant(4, rotate="yes")
+    for bad in ("int3", "fp8", "int4g", "int4gx", "int", "int4ss", "s", "int4rs", "int4srr", "r"):
         with pytest.raises(LeanKError):
             parse_quant(bad)
+
+
+def test_rotation_block_and_hadamard():
+    """The block divides every kept count (largest power of two, at most the group); the Hadamard
+    matrix is orthonormal and symmetric with entries ±1/√n, against its definition."""
+    from leank.quant import hadamard, rotation_block
+
+    assert rotation_block([0, 16, 48, 32], 32) == 16 and rotation_block([32, 64, 0], 32) == 32
+    assert rotation_block([32, 64], 16) == 16 and rotation_block([5, 16], 32) == 1 and rotation_block([0, 0], 32) == 1
+    for n in (1, 2, 8, 32):
+        h = hadamard(n).double()
+        assert torch.allclose(h @ h.T, torch.eye(n, dtype=torch.float64), atol=1e-6) and torch.equal(h, h.T)
+        assert torch.allclose(h.abs(), torch.full((n, n), n**-0.5, dtype=torch.float64))
+        if n > 1:  # Sylvester: row i, column j has sign (-1)^popcount(i & j)
+            signs = torch.tensor([[(-1) ** bin(i & j).count("1") for j in range(n)] for i in range(n)])
+            assert torch.equal(torch.sign(h).long(), signs)

@@ -58,7 +58,8 @@ def stored_middle(layer, T: int) -> tuple[torch.Tensor, ...]:
     return K, V, known, k_step, v_step
 
 
-def generate_and_compare(model, mask, ids, am, *, quant, sink, recent, new_tokens, max_length=None, tol=1e-5):
+def generate_and_compare(model, mask, ids, am, *, quant, sink, recent, new_tokens, max_length=None, tol=1e-5,
+                         rotation=None):
     leank.enable(model)
     cache = leank.LeanKCache(model, mask, sink=sink, recent=recent, max_length=max_length, quant=quant)
     out = model.generate(input_ids=ids, attention_mask=am, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
@@ -69,7 +70,7 @@ def generate_and_compare(model, mask, ids, am, *, quant, sink, recent, new_token
     done = out.sequences[:, :-1]  # the tokens the cache has seen (the last one was never fed)
     stored = [stored_middle(layer, done.shape[1]) for layer in cache.leank_layers()]
     ref = reference_logits(model, done, am, kept=mask.kept, prompt_len=n, sink=sink, recent=recent,
-                           stored=stored)[:, n - 1 : n - 1 + new_tokens]
+                           stored=stored, rotation=rotation)[:, n - 1 : n - 1 + new_tokens]
     err = (got - ref).abs().max().item()
     assert err <= tol, f"max |logit - reference| = {err:.3g}"
     return cache, out, ref
@@ -92,6 +93,52 @@ def test_quantised_decode_matches_reference(quant, static):
     plain = reference_logits(model, out.sequences, am, kept=mask.kept, prompt_len=ids.shape[1], sink=4,
                              recent=8)[:, ids.shape[1] - 1 : ids.shape[1] + 39]
     assert (plain - ref).abs().max().item() > 1e-3
+
+
+def own_rotation(kept: torch.Tensor, group: int) -> torch.Tensor:
+    """float64 ``[H, D, D]``, written here from the format's description (leank.quant), not imported:
+    normalised Sylvester Hadamard blocks over each head's consecutive kept channels (the block: the
+    largest power of two up to ``group`` dividing every non-zero count of the layer), identity on the
+    other channels; K is stored as ``K @ rotation[h]``."""
+    H, D = kept.shape
+    counts = [int(c) for c in kept.sum(-1) if c]
+    block = group
+    while block > 1 and any(c % block for c in counts):
+        block //= 2
+    had = torch.ones(1, 1, dtype=torch.float64)
+    while had.shape[0] < block:
+        had = torch.kron(torch.tensor([[1.0, 1.0], [1.0, -1.0]], dtype=torch.float64), had)
+    had /= block**0.5
+    out = torch.eye(D, dtype=torch.float64).repeat(H, 1, 1)
+    for h in range(H):
+        chan = kept[h].nonzero().flatten()
+        for j in range(0, len(chan), block):
+            idx = chan[j : j + block]
+            out[h][idx[:, None], idx[None, :]] = had
+    return out
+
+
+@pytest.mark.parametrize("quant", [leank.KVQuant(4, 32, symmetric=True, rotate=True),
+                                   leank.KVQuant(8, 16, rotate=True)], ids=str)
+@pytest.mark.parametrize("static", [False, True])
+def test_rotated_decode_matches_reference(quant, static):
+    """Rotated K (``KVQuant(rotate=True)``): the middle store holds the kept K channels times the
+    layer's Hadamard blocks (checked value by value against the true K rotated by the test's own
+    matrices, within half a step), and decoding equals the reference that turns them back; layer 0
+    keeps 0/16/32/48/64 channels per head (blocks of 16), layer 1 32/64 (blocks of 32 at group 32)."""
+    gen = torch.Generator().manual_seed(torch.seed() % 2**31)
+    model = tiny_model("llama", layers=2, kv_heads=5, groups=2, head_dim=64, qk_gain=3.0)
+    mask = mask_with_counts(2, 5, 64, [0, 16, 32, 48, 64, 32, 64, 0, 32, 64], gen)
+    ids, am = left_padded([44, 31, 38], 97, gen)
+    rotation = [own_rotation(kept, quant.group) for kept in mask.kept]
+    kw = dict(quant=quant, sink=4, recent=8, new_tokens=40, max_length=84 if static else None)
+    cache, out, _ = generate_and_compare(model, mask, ids, am, rotation=rotation, **kw)
+    assert [layer.rotation.shape[0] for layer in cache.leank_layers()] == [16, min(32, quant.group)]
+    # The store really holds rotated K: read as plain K it is off by more than half a step.
+    done = out.sequences[:, :-1]
+    stored = [stored_middle(layer, done.shape[1]) for layer in cache.leank_layers()]
+    with pytest.raises(AssertionError, match="stored middle is off"):
+        reference_logits(model, done, am, kept=mask.kept, prompt_len=ids.shape[1], sink=4, recent=8, stored=stored)
 
 
 def test_second_generate_call_and_qwen3():

@@ -73,7 +73,8 @@ class MethodSpec:
             if self.path is None or not Path(self.path).is_file():
                 raise LeanKError(f"leank:PATH needs an existing mask file, got {self.path}")
         elif self.kind == "quantized":
-            if self.quant is None or self.quant.bits not in (2, 4) or self.quant.symmetric or self.quant.group != 32:
+            q = self.quant
+            if q is None or q.bits not in (2, 4) or q.symmetric or q.rotate or q.group != 32:
                 raise LeanKError("quantized:BITS (transformers' QuantizedCache, its own groups) takes int4 (or int2)")
         elif self.kind != "full":
             check_sparsity(self.sparsity)
@@ -120,8 +121,9 @@ class MethodSpec:
             base.update(QUANTIZED_CACHE)
         if self.quant is not None:
             base["quant"] = {"bits": self.quant.bits, "group": self.quant.group}
-            if self.quant.symmetric:  # (only then: earlier runs' configs stay as they were)
-                base["quant"]["symmetric"] = True
+            for flag in ("symmetric", "rotate"):  # (only when set: earlier runs' configs stay as they were)
+                if getattr(self.quant, flag):
+                    base["quant"][flag] = True
         return base
 
 

@@ -30,6 +30,7 @@ from leank.eval.methods import FullMethod, MaskMethod, ThinKMethod, parse_method
         ("think:0.7+int4", "no quantised variant"),
         ("quantized:int8", "takes int4"),
         ("quantized:int4s", "takes int4"),
+        ("quantized:int4r", "takes int4"),
         ("quantized:int4g64", "takes int4"),
         ("quantized:", "needs the bits"),
     ],
