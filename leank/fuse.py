@@ -10,9 +10,10 @@ these reads.
 :func:`fuse_projections` concatenates each group's weights (and biases) into one parameter; the
 original ``nn.Linear`` modules are replaced by light parts that take their slice of one shared
 product, computed when the first part is called and dropped when the last has read it (the model's
-code is untouched: ``self.k_proj(h)`` still works). The originals keep views into the fused
-parameter, so fusing allocates nothing lasting and :func:`unfuse_projections` restores them for
-free (do that before saving a checkpoint: the fused model's ``state_dict`` names differ).
+code is untouched: ``self.k_proj(h)`` still works). The original parameters give their data up
+to the fused one (fusing allocates nothing lasting) and get it back, as the fused weights are
+then, from :func:`unfuse_projections` — do that before saving a checkpoint: the fused model's
+``state_dict`` names differ. Inference only: the fused weights do not take gradients.
 
 A part called with another input than its siblings' (a model that projects q and k/v from
 different tensors) computes the whole product for itself: slower, still correct.
@@ -29,40 +30,49 @@ FUSED_NAMES = {("q_proj", "k_proj", "v_proj"): "leank_qkv_proj", ("gate_proj", "
 
 
 class SharedProjection(nn.Module):
-    """One GEMM for several sibling projections; ``parts`` read their slices of its product."""
+    """One GEMM for several sibling projections; ``parts`` read their slices of its product.
+
+    The memo is one ``(input, product, reads)`` tuple, read and replaced whole: a part always
+    slices the product of its own input (also with threads sharing the model)."""
 
     def __init__(self, linears: list[nn.Linear], names: tuple[str, ...]):
         super().__init__()
-        first = linears[0]
         self.weight = nn.Parameter(torch.cat([m.weight.detach() for m in linears]), requires_grad=False)
-        has_bias = first.bias is not None
         self.bias = (nn.Parameter(torch.cat([m.bias.detach() for m in linears]), requires_grad=False)
-                     if has_bias else None)
+                     if linears[0].bias is not None else None)
         sizes = [m.out_features for m in linears]
         self.bounds = [(sum(sizes[:i]), sum(sizes[: i + 1])) for i in range(len(sizes))]
         self.names = names
         # Not submodules: the model's tree holds the parts, and the originals only come back on unfuse.
+        # Their parameters (the same objects, for optimisers holding them) hold no data meanwhile.
         object.__setattr__(self, "originals", list(linears))
-        self._input = self._output = None
-        self._reads = 0
+        for m in linears:
+            for p in (m.weight, m.bias):
+                if p is not None:
+                    p.data = p.data.new_empty(0)
+        self._memo = None
 
     def read(self, x: torch.Tensor, index: int) -> torch.Tensor:
-        if self._input is not x:
-            self._input, self._output, self._reads = x, nn.functional.linear(x, self.weight, self.bias), 0
+        memo = self._memo
+        if memo is None or memo[0] is not x:
+            memo = (x, nn.functional.linear(x, self.weight, self.bias), 0)
+        reads = memo[2] + 1
+        # every part has read: keep nothing alive past this forward
+        self._memo = None if reads == len(self.bounds) else (x, memo[1], reads)
         lo, hi = self.bounds[index]
-        out = self._output[..., lo:hi]
-        self._reads += 1
-        if self._reads == len(self.bounds):  # every part has read: keep nothing alive past this forward
-            self._input = self._output = None
-            self._reads = 0
-        return out
+        return memo[1][..., lo:hi]
+
+    def clear(self, *args) -> None:
+        """Drop the memo (a forward hook of the parent module: also when the forward raised)."""
+        self._memo = None
 
     def restore_originals(self) -> list[nn.Linear]:
-        """The original modules, their weights re-pointed at slices of the (possibly moved) fused ones."""
+        """The original modules, their parameters (the same objects) given their slices of the fused
+        ones as these are now (moved or cast since fusing): views, nothing copied."""
         for m, (lo, hi) in zip(self.originals, self.bounds, strict=True):
-            m.weight = nn.Parameter(self.weight.detach()[lo:hi], requires_grad=False)
+            m.weight.data = self.weight.detach()[lo:hi]
             if self.bias is not None:
-                m.bias = nn.Parameter(self.bias.detach()[lo:hi], requires_grad=False)
+                m.bias.data = self.bias.detach()[lo:hi]
         return self.originals
 
 
@@ -109,12 +119,9 @@ def fuse_projections(model: nn.Module) -> int:
                 continue
             shared = SharedProjection(linears, names)
             setattr(module, FUSED_NAMES[names], shared)
-            for i, (name, m) in enumerate(zip(names, linears, strict=True)):
+            for i, name in enumerate(names):
                 setattr(module, name, ProjectionPart(shared, i))
-                lo, hi = shared.bounds[i]  # the original now views the fused weight: its own storage is freed
-                m.weight = nn.Parameter(shared.weight.detach()[lo:hi], requires_grad=False)
-                if m.bias is not None:
-                    m.bias = nn.Parameter(shared.bias.detach()[lo:hi], requires_grad=False)
+            shared.hook = module.register_forward_hook(shared.clear, always_call=True)
             fused += 1
     return fused
 
@@ -129,6 +136,7 @@ def unfuse_projections(model: nn.Module) -> int:
                 continue
             for name, m in zip(names, shared.restore_originals(), strict=True):
                 setattr(module, name, m)
+            shared.hook.remove()
             delattr(module, fused_name)
             restored += 1
     return restored

@@ -182,3 +182,16 @@ def test_shape_models_have_the_published_sizes():
         assert abs(sum(p.numel() for p in model.parameters()) - params) < 0.01e9, name
         assert tuple(kv_shape(model.config)) == kv and model.dtype == torch.bfloat16
     assert shape_model("qwen2.5-7b-shape", device="meta").model.layers[0].self_attn.q_proj.bias is not None
+
+
+def test_fused_methods_run_on_the_fused_model(monkeypatch):
+    """``*-fused`` rows run with the projections fused and every other row unfused, under the base
+    method's name for the cache and the row under its own."""
+    from leank.fuse import is_fused
+
+    model = tiny_model("llama", layers=2, kv_heads=2, groups=2, head_dim=16, vocab=97)
+    seen = []
+    monkeypatch.setattr(bench, "_run_one", lambda m, method, mask, **kw: seen.append((method, is_fused(m))) or {})
+    for method in ("leank-fused", "leank", "full-compiled-fused", "full-flash"):
+        assert bench.run_one(model, method, None, batch=1, length=8, steps=1, warmup=3)["method"] == method
+    assert seen == [("leank", True), ("leank", False), ("full-compiled", True), ("full-flash", False)]

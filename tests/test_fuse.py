@@ -15,10 +15,6 @@ from leank.fuse import SharedProjection, fuse_projections, is_fused, unfuse_proj
 from .conftest import ARCHS, BASIC_ARCHS, tiny_model
 
 
-def _storage(t: torch.Tensor) -> int:
-    return t.untyped_storage().data_ptr()
-
-
 @pytest.mark.parametrize("arch", [a for a in BASIC_ARCHS if a in ARCHS])
 def test_fused_model_decodes_like_the_original(arch):
     """Greedy tokens and logits of a LeanK decode (tokens moving into the middle store) equal the
@@ -32,6 +28,9 @@ def test_fused_model_decodes_like_the_original(arch):
     numel = sum(p.numel() for p in model.parameters())
     attn = model.model.layers[0].self_attn
     originals = attn.q_proj, attn.k_proj, attn.v_proj
+    params = [m.weight for m in originals]
+    before = [p.detach().clone() for p in params]
+    model.model.layers[1].mlp.up_proj.weight.requires_grad_(False)  # a mix of trainable and frozen
 
     def decode():
         cache = leank.LeanKCache(model, mask, sink=3, recent=5, max_length=60)
@@ -48,17 +47,47 @@ def test_fused_model_decodes_like_the_original(arch):
         reference = decode()
         assert fuse_projections(model) == 2 * 2  # q/k/v and gate/up in each of 2 layers
         assert fuse_projections(model) == 0 and is_fused(model)  # idempotent
-        assert sum(p.numel() for p in model.parameters()) == numel
-        shared = attn.leank_qkv_proj
-        assert all(_storage(m.weight) == _storage(shared.weight) for m in originals)
+        assert sum(p.numel() for p in model.parameters()) == numel  # the fused copies only: nothing twice
+        assert all(p.numel() == 0 for p in params)  # the originals gave their data up
         fused = decode()
-        assert all(s._input is None and s._output is None for s in model.modules() if isinstance(s, SharedProjection))
+        assert all(s._memo is None for s in model.modules() if isinstance(s, SharedProjection))
         assert unfuse_projections(model) == 4 and not is_fused(model)
         assert (attn.q_proj, attn.k_proj, attn.v_proj) == originals
+        assert all(m.weight is p and torch.equal(p, b) for m, p, b in zip(originals, params, before, strict=True))
+        assert [p.requires_grad for p in model.parameters()] == [p is not model.model.layers[1].mlp.up_proj.weight
+                                                                 for p in model.parameters()]
         again = decode()
     torch.testing.assert_close(fused, reference, rtol=1e-5, atol=1e-5)
     assert torch.equal(fused.argmax(-1), reference.argmax(-1))
     assert torch.equal(again, reference)
+
+
+def test_moved_while_fused_then_unfused():
+    """Cast (or moved) while fused: the restored weights are the fused ones as they are now, and no
+    parameter is left behind in the old dtype."""
+    model = tiny_model("qwen2", layers=2, kv_heads=2, groups=2, head_dim=16)
+    expected = {n: p.detach().double().clone() for n, p in model.named_parameters()}
+    fuse_projections(model)
+    model.double()
+    assert all(p.dtype == torch.float64 for p in model.parameters())
+    unfuse_projections(model)
+    got = dict(model.named_parameters())
+    assert got.keys() == expected.keys()
+    for name, p in got.items():
+        assert p.dtype == torch.float64 and torch.equal(p.detach(), expected[name]), name
+
+
+def test_memo_dropped_when_the_forward_raises():
+    """A forward that fails between the parts' reads (here: after q, before k) keeps no product alive."""
+    model = tiny_model("llama", layers=1, kv_heads=2, groups=2, head_dim=16)
+    fuse_projections(model)
+    attn = model.model.layers[0].self_attn
+    real = attn.k_proj.forward
+    attn.k_proj.forward = lambda x: (_ for _ in ()).throw(RuntimeError("out of memory"))
+    with pytest.raises(RuntimeError, match="out of memory"), torch.no_grad():
+        model(input_ids=torch.randint(3, 97, (1, 9)))
+    assert attn.leank_qkv_proj._memo is None
+    attn.k_proj.forward = real
 
 
 def test_parts_called_with_different_inputs_stay_correct():
@@ -78,7 +107,8 @@ def test_parts_called_with_different_inputs_stay_correct():
 
 
 def test_unfusable_groups_are_left_alone():
-    """Mixed bias, a subclass of Linear (quantised layers are) or a hooked module: not fused."""
+    """Mixed bias, a subclass of Linear (quantised layers are), other input sizes or dtypes, or a hooked
+    module: not fused."""
     class Custom(torch.nn.Linear):
         pass
 
@@ -86,6 +116,7 @@ def test_unfusable_groups_are_left_alone():
         [torch.nn.Linear(8, 4), torch.nn.Linear(8, 4, bias=False), torch.nn.Linear(8, 4)],
         [torch.nn.Linear(8, 4), Custom(8, 4), torch.nn.Linear(8, 4)],
         [torch.nn.Linear(8, 4), torch.nn.Linear(6, 4), torch.nn.Linear(8, 4)],
+        [torch.nn.Linear(8, 4), torch.nn.Linear(8, 4).double(), torch.nn.Linear(8, 4)],
     ]
     hooked = [torch.nn.Linear(8, 4) for _ in range(3)]
     hooked[1].register_forward_hook(lambda *a: None)
