@@ -1,7 +1,7 @@
 """Where a compiled LeanK decode step spends its GPU time: torch.profiler over a few steps of
 the Llama-3.1-8B shape (random weights, the authors' mask), kernels sorted by GPU time.
 
-    python benchmarks/profile_step.py --length 32768 --batch 8
+    python benchmarks/profile_step.py --length 32768 --batch 8 [--fuse]
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import torch
 
 from leank import bench
 from leank.cache import cache_kwargs
+from leank.fuse import fuse_projections
 from leank.measure import make_cache, repeat_rows
 
 
@@ -21,8 +22,11 @@ def main() -> None:
     parser.add_argument("--length", type=int, default=32768)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--fuse", action="store_true", help="leank.fuse_projections(model) first")
     args = parser.parse_args()
     model, mask = bench.load(bench.LLAMA_8B_SHAPE, None, torch.device("cuda"))
+    if args.fuse:
+        fuse_projections(model)
     cache = make_cache("leank", model, mask, args.length + 32)
     ids = torch.randint(10, 1000, (1, args.length), device="cuda")
     token = model(input_ids=ids, logits_to_keep=1, **cache_kwargs(cache)).logits[:, -1].argmax(-1, keepdim=True)
