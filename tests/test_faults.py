@@ -437,7 +437,9 @@ def test_train_sigkill_then_resume(tiny_dir, tmp_path, capsys):  # noqa: F811
 def test_eval_sigint_then_rerun(tiny_dir, tmp_path, capsys):  # noqa: F811
     out = tmp_path / "eval"
     args = eval_argv(tiny_dir, out, "--methods", "full", "think:0.5")
-    proc = slow_cli(args, 0.5, "leank.eval.runner:generate_batch")
+    # 2 s per batch: the signal must land while the second method generates, also on a busy machine
+    # (at 0.5 s a CI run beside other work saw the whole evaluation finish first)
+    proc = slow_cli(args, 2.0, "leank.eval.runner:generate_batch")
     first = out / "full" / "vt" / "900" / "metrics.json"
     wait_for(first.is_file, proc)
     proc.send_signal(signal.SIGINT)
