@@ -32,7 +32,11 @@ channels onto themselves). The cache applies it to every K it stores (sink, ring
 stores and kernels are unchanged) and to every query it attends with. Why: rotation spreads a
 token's large channels over its block, so a group's scale fits its values better; on a CPU proxy
 (real SmolLM2 activations, the bundled 70% mask) it cut the int4s error of the attention outputs
-from 0.054 to 0.042 (``benchmarks/results/quant_error_smollm2``). V is not rotated.
+from 0.054 to 0.042 (``benchmarks/results/quant_error_smollm2``). V is not rotated. Its cost in fp16/bf16:
+the rotated K (sink and ring included, which are otherwise stored exactly) and queries are rounded to the
+cache dtype once more, a score error about the size of one more bf16 rounding of K (a review reproduced ~4×
+the int4s output error on sink/ring keys with large kept channels); rotating only what is quantised would
+avoid it but needs the kernels to take a second, rotated query. Experimental: no accuracy measured yet.
 
 Why this grouping (see docs/LOG.md, issue 14): tokens enter the middle store one per
 decode step, so per-token groups along channels quantise each token on its own as it

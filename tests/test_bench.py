@@ -195,3 +195,9 @@ def test_fused_methods_run_on_the_fused_model(monkeypatch):
     for method in ("leank-fused", "leank", "full-compiled-fused", "full-flash"):
         assert bench.run_one(model, method, None, batch=1, length=8, steps=1, warmup=3)["method"] == method
     assert seen == [("leank", True), ("leank", False), ("full-compiled", True), ("full-flash", False)]
+
+
+def test_every_leank_cache_method_but_the_eager_one_is_compiled():
+    """A LeanK method missing from COMPILED would be timed eager, silently."""
+    leank_methods = {m for m in bench.METHODS if m.startswith("leank")}
+    assert leank_methods - set(bench.COMPILED) == {"leank-eager"}

@@ -323,11 +323,13 @@ def test_cuda_graph_replay_across_steps(dtype):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("arch", ["gemma2", "gpt_oss", "phi3"])  # soft-capping; sinks; head_dim 96
-def test_generate_through_the_triton_kernels_equals_the_torch_path(arch):
+@pytest.mark.parametrize("arch, quant", [("gemma2", None), ("gpt_oss", None), ("phi3", None),  # soft-capping;
+                                         ("llama", KVQuant(4, 32, symmetric=True, rotate=True))],  # sinks; d96
+                         ids=["gemma2", "gpt_oss", "phi3", "llama-int4sr"])
+def test_generate_through_the_triton_kernels_equals_the_torch_path(arch, quant):
     """``generate()`` with the Triton backend (decode and store kernels; the interpreter on a
     CPU) gives the torch backend's tokens and logits, growing and static, on architectures whose
-    attention has extra terms."""
+    attention has extra terms, and with rotated int4 K (the store kernel gets the rotated K)."""
     from leank.masks import hybrid_layers, kv_shape, mask_from_counts
 
     from .conftest import left_padded, tiny_model
@@ -345,11 +347,12 @@ def test_generate_through_the_triton_kernels_equals_the_torch_path(arch):
     for static in (None, 30) if arch == "phi3" else (None,):
         runs = []
         for backend in ("torch", "triton"):
-            cache = leank.LeanKCache(model, mask, sink=2, recent=3, max_length=static, backend=backend)
+            cache = leank.LeanKCache(model, mask, sink=2, recent=3, max_length=static, backend=backend, quant=quant)
             out = model.generate(input_ids=ids, attention_mask=am, max_new_tokens=10, min_new_tokens=10,
                                  do_sample=False, pad_token_id=0, output_logits=True, return_dict_in_generate=True,
                                  disable_compile=True, **leank.cache_kwargs(cache))
             assert cache.leank_layers()[0].middle_length() > 0
+            assert [layer.rotation is not None for layer in cache.leank_layers()] == [quant is not None] * L
             runs.append((out.sequences, torch.stack(out.logits, 1)))
         (tokens0, logits0), (tokens1, logits1) = runs
         assert torch.equal(tokens0, tokens1)

@@ -141,21 +141,24 @@ def test_rotated_decode_matches_reference(quant, static):
         reference_logits(model, done, am, kept=mask.kept, prompt_len=ids.shape[1], sink=4, recent=8, stored=stored)
 
 
-def test_second_generate_call_and_qwen3():
+@pytest.mark.parametrize("quant", [leank.KVQuant(4, 16), leank.KVQuant(4, 16, symmetric=True, rotate=True)], ids=str)
+def test_second_generate_call_and_qwen3(quant):
     """A multi-token step after the prompt (ring keys seen through their kept channels are seen
-    quantised, as they will be stored) on another architecture."""
+    quantised, as they will be stored; rotated K: the step's queries and K rotated too) on another
+    architecture."""
     gen = torch.Generator().manual_seed(torch.seed() % 2**31)
     model = tiny_model("qwen3", layers=2, kv_heads=2, head_dim=32, qk_gain=3.0)
     mask = mask_with_counts(2, 2, 32, [16, 0, 8, 32], gen)
     leank.enable(model)
-    cache = leank.LeanKCache(model, mask, sink=3, recent=6, quant=leank.KVQuant(4, 16))
+    cache = leank.LeanKCache(model, mask, sink=3, recent=6, quant=quant)
     out, n = two_generate_calls(model, cache, gen)
     got = torch.stack(out.logits, 1)
     done = out.sequences[:, :-1]
     am = torch.ones_like(done)
     stored = [stored_middle(layer, done.shape[1]) for layer in cache.leank_layers()]
+    rotation = [own_rotation(kept, quant.group) for kept in mask.kept] if quant.rotate else None
     ref = reference_logits(model, done, am[:, :40], kept=mask.kept, prompt_len=40, sink=3, recent=6,
-                           stored=stored)
+                           stored=stored, rotation=rotation)
     assert (got - ref[:, n - 1 : n - 1 + 12]).abs().max().item() <= 1e-5
 
 
