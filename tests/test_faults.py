@@ -368,7 +368,10 @@ def slow_cli(args: list, seconds_per_step: float, target: str) -> subprocess.Pop
     sleeps first, so a signal lands mid-run on any machine."""
     module, attr = target.split(":")
     code = (
-        "import sys, time, importlib\n"
+        # A runner started in the background (`cmd &` without job control) ignores SIGINT, and so would the
+        # child (Python keeps an inherited SIG_IGN): restore the default handler, as in a terminal.
+        "import signal, sys, time, importlib\n"
+        "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
         f"mod = importlib.import_module({module!r})\n"
         f"owner, name = ({'getattr(mod, ' + repr(attr.split('.')[0]) + ')' if '.' in attr else 'mod'}, "
         f"{attr.split('.')[-1]!r})\n"
@@ -437,9 +440,7 @@ def test_train_sigkill_then_resume(tiny_dir, tmp_path, capsys):  # noqa: F811
 def test_eval_sigint_then_rerun(tiny_dir, tmp_path, capsys):  # noqa: F811
     out = tmp_path / "eval"
     args = eval_argv(tiny_dir, out, "--methods", "full", "think:0.5")
-    # 2 s per batch: the signal must land while the second method generates, also on a busy machine
-    # (at 0.5 s a CI run beside other work saw the whole evaluation finish first)
-    proc = slow_cli(args, 2.0, "leank.eval.runner:generate_batch")
+    proc = slow_cli(args, 0.5, "leank.eval.runner:generate_batch")
     first = out / "full" / "vt" / "900" / "metrics.json"
     wait_for(first.is_file, proc)
     proc.send_signal(signal.SIGINT)
