@@ -61,6 +61,7 @@ from .bench_tp import main as tensor_parallel_main
 from .cache import cache_kwargs, dense_cache_nbytes
 from .errors import LeanKError
 from .eval.methods import check_quantized_cache, quantized_cache_nbytes
+from .fuse import fuse_projections, unfuse_projections
 from .masks import ChannelMask
 from .measure import make_cache, repeat_rows, sdpa_backends, step_timer
 from .parallel import launched_world
@@ -157,8 +158,6 @@ def decode_forward(model, method: str, compile_config=None):
 
 def run_one(model, method: str, mask, **kw) -> dict:
     """One (method, batch, prompt length) measurement; see the module docstring."""
-    from .fuse import fuse_projections, unfuse_projections
-
     base = method.removesuffix(FUSED)
     (fuse_projections if base != method else unfuse_projections)(model)
     with sdpa_backends(base):

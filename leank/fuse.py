@@ -24,8 +24,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-# Sibling projections that read the same input in the decoder families LeanK supports.
-GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+# Sibling projections that read the same input in the decoder families LeanK supports, and the name
+# their fused module takes on the parent.
 FUSED_NAMES = {("q_proj", "k_proj", "v_proj"): "leank_qkv_proj", ("gate_proj", "up_proj"): "leank_gate_up_proj"}
 
 
@@ -113,12 +113,12 @@ def fuse_projections(model: nn.Module) -> int:
     groups fused by this call. Inference only: the fused weights do not require gradients."""
     fused = 0
     for module in list(model.modules()):
-        for names in GROUPS:
+        for names, fused_name in FUSED_NAMES.items():
             linears = [getattr(module, n, None) for n in names]
             if any(m is None for m in linears) or not _fusable(linears):
                 continue
             shared = SharedProjection(linears, names)
-            setattr(module, FUSED_NAMES[names], shared)
+            setattr(module, fused_name, shared)
             for i, name in enumerate(names):
                 setattr(module, name, ProjectionPart(shared, i))
             shared.hook = module.register_forward_hook(shared.clear, always_call=True)
