@@ -114,9 +114,8 @@ class KVQuant:
 
 def parse_quant(text: str) -> KVQuant:
     """``int8``, ``int4``, ``int4g64``, ``int4s``, ``int4g64s``, ``int4sr`` … → :class:`KVQuant`."""
-    rest = text
-    rotate = rest.endswith("r")
-    rest = rest[:-1] if rotate else rest
+    rotate = text.endswith("r")
+    rest = text[:-1] if rotate else text
     symmetric = rest.endswith("s")
     body, sep, group = (rest[:-1] if symmetric else rest).partition("g")
     if not body.startswith("int") or not body[3:].isdigit() or (sep and not group.isdigit()):
