@@ -29,6 +29,7 @@ from leank.quant import KVQuant
 from tests.test_kernel import History, random_kept
 
 SM90 = GPUTarget("cuda", 90, 32)
+SASS = False  # --sass: also print the decode kernel's SASS opcode census
 LAYERS = {  # name -> (head_dim, kept channels per KV head, prompt, max_length): the layers cases compile for
     "llama": (128, [32, 0, 128, 16], 83, None),  # counts multiples of 16: the alignment hints apply
     "odd": (96, [7, 0, 95, 33], 83, None),  # head_dim 96 (padded lanes), odd counts: no hints
@@ -65,7 +66,36 @@ def _compile_instead_of_launch(jit, ptx: dict):
         signature, constants, attrs = specialize(jit, args, kw)
         compiled = triton.compile(ASTSource(jit, signature, constants, attrs), target=SM90, options=options)
         ptx[jit.fn.__name__] = compiled.asm["ptx"]
+        ptx[jit.fn.__name__ + ".cubin"] = compiled.asm["cubin"]
     return run
+
+
+def _tool(name: str):
+    from pathlib import Path
+
+    return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name)
+
+
+def _on_file(tool: list[str], cubin: bytes) -> str:
+    import subprocess
+    import tempfile
+
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        return subprocess.run([*tool, f.name], capture_output=True, text=True, check=True).stdout
+
+
+def resources(cubin: bytes) -> str:
+    """Registers per thread and static shared memory of a cubin's kernel (cuobjdump's resource usage)."""
+    line = _on_file([_tool("cuobjdump"), "--dump-resource-usage"], cubin)
+    return " ".join(re.findall(r"(REG:\d+|SHARED:\d+)", line))
+
+
+def sass_census(cubin: bytes) -> collections.Counter:
+    """Opcodes (without modifiers) of a cubin's SASS, through the nvdisasm Triton ships."""
+    sass = _on_file([_tool("nvdisasm"), "-c"], cubin)
+    return collections.Counter(re.findall(r"^\s+/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", sass, re.M))
 
 
 def main(cases: list[str]) -> int:
@@ -94,6 +124,9 @@ def main(cases: list[str]) -> int:
                 raise RuntimeError(f"not compiled: {sorted(missing)}")
             loads = collections.Counter(re.findall(r"ld\.global\.([\w.]+)", ptx["_leank_decode_kernel"]))
             print(f"{case}: compiled; decode kernel global loads by width: {dict(loads.most_common())}")
+            if SASS:
+                print(f"{case}: {resources(ptx['_leank_decode_kernel.cubin'])}")
+                print(f"{case}: SASS opcodes {dict(sass_census(ptx['_leank_decode_kernel.cubin']).most_common())}")
         except Exception as e:  # noqa: BLE001 - report the innermost compiler message
             while e.__cause__ is not None:
                 e = e.__cause__
@@ -103,4 +136,5 @@ def main(cases: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    SASS = "--sass" in sys.argv
+    sys.exit(main([a for a in sys.argv[1:] if a != "--sass"]))

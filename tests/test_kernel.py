@@ -475,6 +475,45 @@ def test_an_eager_decode_step_reads_nothing_back_to_the_host(monkeypatch, quant)
     assert quiet_steps >= 30
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("quant", [KVQuant(4, 8), KVQuant(4, 32), KVQuant(4, 64, symmetric=True), KVQuant(4, 32, True)],
+                         ids=str)
+def test_int4_tiles_equal_dequantize(quant, dtype):
+    """The int4 tiles the decode kernel dots (``_dequant_halves``: in fp16/bf16 a code becomes a
+    number by
+    setting exponent bits, the scale applied in the dtype) against ``leank.quant.dequantize`` rounded
+    to the dtype, on random rows with invalid ones: equal (fp32, symmetric in every dtype), asymmetric
+    within one rounding of the zero point's addition. Runs the fp16 path in the interpreter too (the
+    whole-kernel tests there run fp32 arithmetic)."""
+    import triton
+    import triton.language as tl
+
+    from leank.quant import dequantize, quantize
+
+    @triton.jit
+    def tiles(codes, params, out, n_rows, row_bytes, row_params, NCOL: tl.constexpr, GROUP: tl.constexpr,
+              SYM: tl.constexpr):
+        rows = tl.arange(0, 16).to(tl.int64)
+        lo, hi = td._dequant_halves(codes, params, rows, rows < n_rows, NCOL, row_bytes, row_params, GROUP, SYM,
+                                    params.dtype.element_ty)
+        cols = 2 * tl.arange(0, NCOL // 2)
+        tl.store(out + rows[:, None] * NCOL + cols[None, :], lo.to(tl.float32))
+        tl.store(out + rows[:, None] * NCOL + cols[None, :] + 1, hi.to(tl.float32))
+
+    seed = torch.seed() % 2**31
+    gen = torch.Generator().manual_seed(seed)
+    n, rows = 64, 11  # rows 11..15 are not valid: their tiles must come out 0
+    x = (torch.randn(16, n, generator=gen) * 3).to(dtype)
+    codes, params = quantize(x, quant)
+    expect = dequantize(codes, params, n, quant).to(dtype).float()
+    expect[rows:] = 0
+    out = torch.full((16, n), float("nan"), device=DEVICE)
+    tiles[(1,)](codes.to(DEVICE), params.to(DEVICE), out, rows, codes.shape[-1], params.shape[-1], NCOL=n,
+                GROUP=quant.group, SYM=quant.symmetric)
+    ulp = 0.0 if quant.symmetric or dtype == torch.float32 else torch.finfo(dtype).eps * expect.abs().max().item()
+    assert (out.cpu() - expect).abs().max().item() <= ulp, f"seed {seed}"
+
+
 def check_quantised(case: dict, quant: KVQuant, dtype: torch.dtype) -> None:
     case = dict(case)
     seed = torch.seed() % 2**31

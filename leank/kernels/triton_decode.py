@@ -72,13 +72,14 @@ def _tanh(x):
 
 
 @triton.jit
-def _group_params(params, rows, valid, row_params, NG: tl.constexpr, SYM: tl.constexpr):
-    """Per-group scales and zeros ``[len(rows), NG]`` of a tile's rows, each row's (scale, zero)
+def _group_params(params, rows, valid, row_params, NG: tl.constexpr, SYM: tl.constexpr,
+                  DT: tl.constexpr = tl.float32):
+    """Per-group scales and zeros ``[len(rows), NG]`` (in ``DT``) of a tile's rows, each row's (scale, zero)
     pairs (``SYM``: scales; the zeros returned are the scales again, unused) as one vector load."""
     PPG: tl.constexpr = 1 if SYM else 2  # params per group: (scale, zero), or the scale alone
     offs_p = tl.arange(0, PPG * NG)
     pairs = tl.load(params + rows[:, None] * row_params + offs_p[None, :],
-                    mask=valid[:, None] & (offs_p[None, :] < row_params), other=0.0).to(tl.float32)
+                    mask=valid[:, None] & (offs_p[None, :] < row_params), other=0.0).to(DT)
     if SYM:
         scale, zero = pairs, pairs
     else:
@@ -180,21 +181,39 @@ def _attend(acc, m_i, l_i, q, qk_scale, cap_scale, k_ptrs_base, v_ptrs_base, k_s
 
 @triton.jit
 def _dequant_halves(codes, params, rows, valid, NCOL: tl.constexpr, row_bytes, row_params, GROUP: tl.constexpr,
-                    SYM: tl.constexpr):
-    """int4 rows as two fp32 tiles ``[len(rows), NCOL / 2]``: values ``0, 2, 4, …`` (the low nibbles)
+                    SYM: tl.constexpr, DT: tl.constexpr):
+    """int4 rows as two ``DT`` tiles ``[len(rows), NCOL / 2]``: values ``0, 2, 4, …`` (the low nibbles)
     and ``1, 3, 5, …`` (the high ones), from one vector load of each row's ``NCOL / 2`` bytes — no
     interleaving: the caller uses the halves apart (the dots split by parity). Groups as in
-    :func:`_dequant` (value ``2j`` and ``2j + 1`` share a group: groups are even)."""
+    :func:`_dequant` (value ``2j`` and ``2j + 1`` share a group: groups are even).
+
+    In fp16/bf16 a code becomes a number without a conversion instruction: ``BITS | code``, read as
+    ``DT``, is ``base + code`` (``base`` = 1024 in fp16, 128 in bf16, where the spacing is 1), and
+    subtracting ``base`` (and the symmetric offset 8) is exact; the scale is then applied in ``DT``
+    (one rounding, as rounding the fp32 value would give; with a zero point one fused multiply-add).
+    fp32 (``UPCAST``): converted."""
     BLOCK: tl.constexpr = rows.shape[0]
     HALF: tl.constexpr = NCOL // 2
     GW: tl.constexpr = GROUP if GROUP < NCOL else NCOL
     NG: tl.constexpr = NCOL // GW
-    scale, zero = _group_params(params, rows, valid, row_params, NG, SYM)
+    scale, zero = _group_params(params, rows, valid, row_params, NG, SYM, DT)
     offs_b = tl.arange(0, HALF)
     byte = tl.load(codes + rows[:, None] * row_bytes + offs_b[None, :],
-                   mask=valid[:, None] & (offs_b[None, :] < row_bytes), other=0).to(tl.int32)
-    lo = _affine(tl.reshape((byte & 15).to(tl.float32), (BLOCK, NG, GW // 2)), scale, zero, 4, SYM)
-    hi = _affine(tl.reshape((byte >> 4).to(tl.float32), (BLOCK, NG, GW // 2)), scale, zero, 4, SYM)
+                   mask=valid[:, None] & (offs_b[None, :] < row_bytes), other=0)
+    if DT == tl.float32:
+        byte = byte.to(tl.int32)
+        lo = _affine(tl.reshape((byte & 15).to(tl.float32), (BLOCK, NG, GW // 2)), scale, zero, 4, SYM)
+        hi = _affine(tl.reshape((byte >> 4).to(tl.float32), (BLOCK, NG, GW // 2)), scale, zero, 4, SYM)
+    else:
+        BITS: tl.constexpr = 0x6400 if DT == tl.float16 else 0x4300
+        OFF: tl.constexpr = (1024.0 if DT == tl.float16 else 128.0) + (8.0 if SYM else 0.0)
+        lo = ((byte & 15).to(tl.int16) | BITS).to(DT, bitcast=True) - OFF
+        hi = ((byte >> 4).to(tl.int16) | BITS).to(DT, bitcast=True) - OFF
+        lo = tl.reshape(lo, (BLOCK, NG, GW // 2)) * scale[:, :, None]
+        hi = tl.reshape(hi, (BLOCK, NG, GW // 2)) * scale[:, :, None]
+        if not SYM:
+            lo += zero[:, :, None]
+            hi += zero[:, :, None]
     return tl.reshape(lo, (BLOCK, HALF)), tl.reshape(hi, (BLOCK, HALF))
 
 
@@ -227,10 +246,8 @@ def _attend_int4_split(m_i, l_i, q_rows, gmask, chan, c, qk_scale, cap_scale, k_
         offs_n = start + tl.arange(0, BLOCK)
         valid = offs_n < hi
         rows = offs_n.to(tl.int64)
-        k_e, k_o = _dequant_halves(k_base, kp_base, rows, valid, KC, kb, kp_stride, GROUP, SYM)
-        v_e, v_o = _dequant_halves(v_base, vp_base, rows, valid, DP, vb, vp, GROUP, SYM)
-        if not UPCAST:
-            k_e, k_o, v_e, v_o = k_e.to(q_e.dtype), k_o.to(q_e.dtype), v_e.to(q_e.dtype), v_o.to(q_e.dtype)
+        k_e, k_o = _dequant_halves(k_base, kp_base, rows, valid, KC, kb, kp_stride, GROUP, SYM, q_e.dtype)
+        v_e, v_o = _dequant_halves(v_base, vp_base, rows, valid, DP, vb, vp, GROUP, SYM, q_e.dtype)
         s = tl.dot(q_e, tl.trans(k_e), input_precision=PREC)
         s = tl.dot(q_o, tl.trans(k_o), s, input_precision=PREC)
         p, alpha, m_i, l_i = _softmax_step(s, valid, m_i, l_i, qk_scale, cap_scale, HAS_CAP)
