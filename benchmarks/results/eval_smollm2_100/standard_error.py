@@ -33,11 +33,13 @@ def se(per_task: dict[str, list[float]]) -> float:
 
 for length in (4096, 8192):
     by = {m: scores(m, length) for m in sys.argv[1:]}
+    if not all(by.values()):  # a method not run at this length
+        continue
     for m, s in by.items():
         avg = statistics.fmean(statistics.fmean(v) for v in s.values())
         print(f"{length} {m}: average {avg:.2f}, SE {se(s):.2f} ({len(s)} tasks)")
     methods = list(by)
-    for a, b in zip(methods, methods[1:], strict=False):
+    for a, b in [*zip(methods, methods[1:], strict=False), *([(methods[0], methods[-1])] if len(methods) > 2 else [])]:
         diff = {t: [x - y for x, y in zip(by[a][t], by[b][t], strict=True)] for t in by[a]}
         print(f"{length} {a} - {b}: gap {statistics.fmean(statistics.fmean(v) for v in diff.values()):.2f}, "
               f"paired SE {se(diff):.2f}")
