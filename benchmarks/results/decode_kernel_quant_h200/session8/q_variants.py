@@ -1,3 +1,4 @@
+# ruff: noqa  (the script as it ran on the GPU, kept unchanged)
 """int4s decode kernel variants side by side (8 x 32K, Llama-3.1-8B shape, the authors' mask, bf16):
 prefetch on/off x (block, warps, stages, waves), with Flash SDPA and the plain LeanK kernel in the same run."""
 import json, os, sys, time
