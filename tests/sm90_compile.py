@@ -67,6 +67,7 @@ def _compile_instead_of_launch(jit, ptx: dict):
         compiled = triton.compile(ASTSource(jit, signature, constants, attrs), target=SM90, options=options)
         ptx[jit.fn.__name__] = compiled.asm["ptx"]
         ptx[jit.fn.__name__ + ".cubin"] = compiled.asm["cubin"]
+        ptx[jit.fn.__name__ + ".shared"] = compiled.metadata.shared
     return run
 
 
@@ -125,7 +126,8 @@ def main(cases: list[str]) -> int:
             loads = collections.Counter(re.findall(r"ld\.global\.([\w.]+)", ptx["_leank_decode_kernel"]))
             print(f"{case}: compiled; decode kernel global loads by width: {dict(loads.most_common())}")
             if SASS:
-                print(f"{case}: {resources(ptx['_leank_decode_kernel.cubin'])}")
+                shared = ptx["_leank_decode_kernel.shared"]
+                print(f"{case}: {resources(ptx['_leank_decode_kernel.cubin'])} dynamic shared {shared} B")
                 print(f"{case}: SASS opcodes {dict(sass_census(ptx['_leank_decode_kernel.cubin']).most_common())}")
         except Exception as e:  # noqa: BLE001 - report the innermost compiler message
             while e.__cause__ is not None:
