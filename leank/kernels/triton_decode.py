@@ -27,12 +27,14 @@ power of two (96) is padded to the next one in the tiles, the padding lanes mask
 
 A quantised middle store (``QBITS`` 8 or 4; :mod:`leank.quant`) is dequantised in the
 middle programs' loads: codes (a byte, or a nibble of one) and the group's scale and zero
-are read and ``zero + code * scale`` computed in fp32 before the dot, in the same tiles. int4
+are read and ``zero + code * scale`` computed before the dot, in the same tiles (int8: in fp32;
+int4: in the cache dtype from codes made numbers by their exponent bits, :func:`_dequant_halves`). int4
 reads each row's bytes as a vector and keeps the low and high nibbles apart: the dots are split
 by parity (:func:`_attend_int4_split`), so no register tile is ever interleaved (3.2–4.5× faster
 on an H200 than loading a byte per lane and shifting; interleaving the nibbles with ``tl.join``
-gave wrong tiles on an H200, docs/LOG.md). Its tiles are 32 wide or more (heads keeping 16
-channels or fewer take the 32-wide one), so each half is 16+.
+gave wrong tiles on an H200, docs/LOG.md), and each block's bytes are loaded while the previous block
+is computed. Its tiles are 32 wide or more (heads keeping 16 channels or fewer take the 32-wide one),
+so each half is 16+.
 
 Under ``TRITON_INTERPRET=1`` (CPU tests) loaded values are cast to fp32 before any
 arithmetic: the interpreter mishandles bf16 arithmetic.
@@ -203,8 +205,9 @@ def _dequant_halves(byte, pairs, NCOL: tl.constexpr, GROUP: tl.constexpr, SYM: t
 
     In fp16/bf16 a code becomes a number without a conversion instruction: ``BITS | code``, read as
     ``DT``, is ``base + code`` (``base`` = 1024 in fp16, 128 in bf16, where the spacing is 1), and
-    subtracting ``base`` (and the symmetric offset 8) is exact; the scale is then applied in ``DT``
-    (one rounding, as rounding the fp32 value would give; with a zero point one fused multiply-add).
+    subtracting ``base`` (and the symmetric offset 8) is exact; the scale is then applied in ``DT`` (one
+    rounding of the exact value, as rounding the fp32 value gives — fp32 has more than twice the bits; with
+    a zero point through an explicit fused multiply-add, so this holds whatever Triton's FP-fusion default).
     fp32 (``UPCAST``): converted."""
     BLOCK: tl.constexpr = byte.shape[0]
     HALF: tl.constexpr = NCOL // 2
@@ -224,11 +227,12 @@ def _dequant_halves(byte, pairs, NCOL: tl.constexpr, GROUP: tl.constexpr, SYM: t
         OFF: tl.constexpr = (1024.0 if DT == tl.float16 else 128.0) + (8.0 if SYM else 0.0)
         lo = ((byte & 15).to(tl.int16) | BITS).to(DT, bitcast=True) - OFF
         hi = ((byte >> 4).to(tl.int16) | BITS).to(DT, bitcast=True) - OFF
-        lo = tl.reshape(lo, (BLOCK, NG, GW // 2)) * scale[:, :, None]
-        hi = tl.reshape(hi, (BLOCK, NG, GW // 2)) * scale[:, :, None]
-        if not SYM:
-            lo += zero[:, :, None]
-            hi += zero[:, :, None]
+        lo = tl.reshape(lo, (BLOCK, NG, GW // 2))
+        hi = tl.reshape(hi, (BLOCK, NG, GW // 2))
+        if SYM:
+            lo, hi = lo * scale[:, :, None], hi * scale[:, :, None]
+        else:
+            lo, hi = tl.fma(lo, scale[:, :, None], zero[:, :, None]), tl.fma(hi, scale[:, :, None], zero[:, :, None])
     return tl.reshape(lo, (BLOCK, HALF)), tl.reshape(hi, (BLOCK, HALF))
 
 
