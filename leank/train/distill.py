@@ -84,8 +84,11 @@ class ScaledPromptLayer(DynamicLayer):
 def scaled_attention(query, prompt_k, prompt_v, k_new, v_new, scale, sinks, *, scaling, softcap, masks,
                      empty_heads) -> torch.Tensor:
     """The student's attention ``[B, H_q, q, D]`` of the decode-region queries over the prompt
-    K/V and their own (module docstring), in fp32. ``scale`` ``[H, D]`` on the middle keys (None:
-    every key in full, the teacher); ``masks``: (``use_full``, ``visible``) bool ``[q, T]``."""
+    K/V and their own (module docstring), in fp32. ``scale`` ``[H, D]`` or per batch row ``[B, H, D]``
+    on the middle keys (None: every key in full, the teacher); ``empty_heads`` ``[H]`` or ``[B, H]``;
+    ``masks``: (``use_full``, ``visible``) bool ``[q, T]``. The prompt K/V may have one row for all."""
+    B = query.shape[0]
+    prompt_k, prompt_v = prompt_k.expand(B, -1, -1, -1), prompt_v.expand(B, -1, -1, -1)
     K, V = torch.cat([prompt_k, k_new], 2), torch.cat([prompt_v, v_new], 2)  # [B, H, T, D]
     B, Hq, q, D = query.shape
     H = K.shape[1]
@@ -94,11 +97,13 @@ def scaled_attention(query, prompt_k, prompt_v, k_new, v_new, scale, sinks, *, s
     use_full, visible = masks
     scores = torch.einsum("bhgqd,bhkd->bhgqk", qf, kf) * scaling
     if scale is not None:
-        scaled = torch.einsum("bhgqd,bhkd->bhgqk", qf * scale.float()[None, :, None, None, :], kf) * scaling
+        scale = scale.float().expand(B, H, D)  # one row of scales per batch row (or one for all)
+        scaled = torch.einsum("bhgqd,bhkd->bhgqk", qf * scale[:, :, None, None, :], kf) * scaling
         scores = torch.where(use_full, scores, scaled)
     scores = capped(scores, softcap)
     if empty_heads is not None:  # binary stage: heads keeping nothing skip middle keys
-        visible = visible & (use_full | ~empty_heads[:, None, None, None])  # [H, 1, q, T]
+        empty_heads = empty_heads.expand(B, H)
+        visible = visible & (use_full | ~empty_heads[:, :, None, None, None])  # [B, H, 1, q, T]
     scores = scores.masked_fill(~visible, float("-inf"))
     if sinks is not None:  # the model's learned sink logits: one more softmax term per query head, no value
         scores = torch.cat([scores, sinks.float().view(1, H, -1, 1, 1).expand(B, H, -1, q, 1)], -1)
@@ -170,10 +175,17 @@ def decode_hidden(
     recent: int,
     empty_heads: torch.Tensor | None = None,
     checkpoint: bool = False,
+    with_teacher: bool = False,
 ) -> torch.Tensor:
     """Final hidden states ``[1, T - P, hidden]`` of the decode region with ``scale`` ``[rows, H, D]``
-    on middle keys (row ``i``: the ``i``-th compressed layer; None: every key in full, the teacher)."""
+    on middle keys (row ``i``: the ``i``-th compressed layer; None: every key in full, the teacher).
+
+    ``with_teacher``: ``[2, T - P, hidden]``, the teacher's (row 0: a scale of ones, which gives the same
+    scores bit for bit, and no empty head) and the student's (row 1) in one batched pass — half the
+    host's dispatches of two passes (the training step is bound by them on small models), for the
+    memory of a second row."""
     context_end = prompt.get_seq_length()
+    rows = 2 if with_teacher else 1
     device, total = sample_ids.device, sample_ids.shape[1]
     i = torch.arange(context_end, total, device=device)  # query positions
     j = torch.arange(total, device=device)  # key positions
@@ -183,22 +195,21 @@ def decode_hidden(
     for window, layer in zip(layer_windows(model.config), prompt.layers, strict=True):
         if window is not None:  # a sliding-window layer: dense, over a copy of the prompt K/V
             dense = DynamicLayer()
-            dense.update(layer.keys, layer.values)
+            dense.update(layer.keys.expand(rows, -1, -1, -1), layer.values.expand(rows, -1, -1, -1))
             layers.append(dense)
             continue
+        layer_scale = None if scale is None else scale[row]
+        layer_empty = None if empty_heads is None else empty_heads[row]
+        if with_teacher:
+            layer_scale = torch.stack([torch.ones_like(layer_scale), layer_scale])
+            if layer_empty is not None:
+                layer_empty = torch.stack([torch.zeros_like(layer_empty), layer_empty])
         layers.append(ScaledPromptLayer(
-            layer.keys,
-            layer.values,
-            None if scale is None else scale[row],
-            masks,
-            empty_heads=None if empty_heads is None else empty_heads[row],
-            checkpoint=checkpoint,
-        ))
+            layer.keys, layer.values, layer_scale, masks, empty_heads=layer_empty, checkpoint=checkpoint))
         row += 1
-    positions = i[None]
     out = _decoder(model)(
-        input_ids=sample_ids[:, context_end:],
-        position_ids=positions,
+        input_ids=sample_ids[:, context_end:].expand(rows, -1),
+        position_ids=i[None].expand(rows, -1),
         use_cache=True,
         **cache_kwargs(Cache(layers=layers)),
     )
@@ -225,7 +236,8 @@ def distill_loss(
     The teacher is the same decode-region computation with every key in full (exactly the full
     attention, through the same arithmetic: a scale of 1 gives the same scores bit for bit), so
     the loss is 0 at α = 1 in any dtype.
-    ``prompt``/``teacher`` may be passed in to reuse them across calls on one sample;
+    ``prompt``/``teacher`` may be passed in to reuse them across calls on one sample (without ``teacher``,
+    teacher and student run as one batched pass: :func:`decode_hidden`'s ``with_teacher``);
     ``checkpoint``: recompute each layer's attention in the backward pass (less memory, same result).
     """
     predict = answer_mask[1:].nonzero().flatten()
@@ -233,11 +245,13 @@ def distill_loss(
     if predict.numel() == 0:
         raise ValueError("the sample has no answer token after its context")
     prompt = prompt if prompt is not None else prompt_cache(model, sample_ids, context_end)
-    kw = dict(sink=sink, recent=recent)
-    if teacher is None:
-        with torch.no_grad():
-            teacher = decode_hidden(model, sample_ids, prompt, None, **kw)
-    student = decode_hidden(model, sample_ids, prompt, scale, empty_heads=empty_heads, checkpoint=checkpoint, **kw)
+    kw = dict(sink=sink, recent=recent, empty_heads=empty_heads, checkpoint=checkpoint)
+    if teacher is None:  # teacher and student in one pass
+        teacher, student = decode_hidden(model, sample_ids, prompt, scale, with_teacher=True, **kw).unbind(0)
+        teacher = teacher.detach()[None]
+        student = student[None]
+    else:
+        student = decode_hidden(model, sample_ids, prompt, scale, **kw)
     s = student[0, predict].float()
     t = teacher[0, predict].float()
     return (s - t).pow(2).mean() / t.pow(2).mean().clamp_min(1e-12)
