@@ -87,10 +87,9 @@ def scaled_attention(query, prompt_k, prompt_v, k_new, v_new, scale, sinks, *, s
     K/V and their own (module docstring), in fp32. ``scale`` ``[H, D]`` or per batch row ``[B, H, D]``
     on the middle keys (None: every key in full, the teacher); ``empty_heads`` ``[H]`` or ``[B, H]``;
     ``masks``: (``use_full``, ``visible``) bool ``[q, T]``. The prompt K/V may have one row for all."""
-    B = query.shape[0]
+    B, Hq, q, D = query.shape
     prompt_k, prompt_v = prompt_k.expand(B, -1, -1, -1), prompt_v.expand(B, -1, -1, -1)
     K, V = torch.cat([prompt_k, k_new], 2), torch.cat([prompt_v, v_new], 2)  # [B, H, T, D]
-    B, Hq, q, D = query.shape
     H = K.shape[1]
     qf = query.float().view(B, H, Hq // H, q, D)
     kf = K.float()
