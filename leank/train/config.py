@@ -53,6 +53,10 @@ class TrainConfig:
     # recompute each layer's attention in the backward pass (memory only, same result); None: auto, decided by
     # the trainer's memory check (off when the longest sample fits comfortably, see Trainer.check_memory)
     recompute: bool | None = None
+    # teacher and student's decode-region passes as one batch of two rows: ~18% fewer host dispatches per step
+    # (what bounds small models on a GPU), but the backward runs over the teacher's row too (+60% backward
+    # compute on a compute-bound CPU); off until a GPU measures it (docs/LOG.md, eighth session)
+    one_pass: bool = False
     stage1_alpha: str | None = None  # alpha.safetensors of a finished stage 1 (same model): stage 1 skipped
     # "last": each mask from stage 2's α (the paper's recipe); "best": from stage 1's α binarised instead when
     # stage 2 raised the binarised mask's held-out loss (the two can land at slightly different sparsities)

@@ -180,9 +180,14 @@ def decode_hidden(
     on middle keys (row ``i``: the ``i``-th compressed layer; None: every key in full, the teacher).
 
     ``with_teacher``: ``[2, T - P, hidden]``, the teacher's (row 0: a scale of ones, which gives the same
-    scores bit for bit, and no empty head) and the student's (row 1) in one batched pass — half the
-    host's dispatches of two passes (the training step is bound by them on small models), for the
-    memory of a second row."""
+    scores bit for bit, and no empty head) and the student's (row 1) in one batched pass — ~18% fewer
+    host dispatches per training step than two passes (they bound small models' steps on a GPU), at the
+    cost of a second row everywhere: its activations, each layer's prompt K/V concatenated twice, and a
+    backward pass over the teacher's row too (its gradient is computed and dropped). Bit for bit the two
+    passes' result on a CPU, except for mixture-of-experts models (experts compute over the batch's
+    tokens together: ~5e-7 in fp32)."""
+    if with_teacher and scale is None:
+        raise ValueError("with_teacher needs the student's scale")
     context_end = prompt.get_seq_length()
     rows = 2 if with_teacher else 1
     device, total = sample_ids.device, sample_ids.shape[1]
@@ -228,6 +233,7 @@ def distill_loss(
     prompt: DynamicCache | None = None,
     teacher: torch.Tensor | None = None,
     checkpoint: bool = False,
+    one_pass: bool = False,
 ) -> torch.Tensor:
     """Relative hidden-state MSE of one sample ``[1, T]``, differentiable w.r.t. ``scale``
     ``[L, H, D]``, on the positions that predict answer tokens.
@@ -235,8 +241,8 @@ def distill_loss(
     The teacher is the same decode-region computation with every key in full (exactly the full
     attention, through the same arithmetic: a scale of 1 gives the same scores bit for bit), so
     the loss is 0 at α = 1 in any dtype.
-    ``prompt``/``teacher`` may be passed in to reuse them across calls on one sample (without ``teacher``,
-    teacher and student run as one batched pass: :func:`decode_hidden`'s ``with_teacher``);
+    ``prompt``/``teacher`` may be passed in to reuse them across calls on one sample; ``one_pass`` (without a
+    given ``teacher``): teacher and student as one batched pass (:func:`decode_hidden`'s ``with_teacher``);
     ``checkpoint``: recompute each layer's attention in the backward pass (less memory, same result).
     """
     predict = answer_mask[1:].nonzero().flatten()
@@ -245,11 +251,13 @@ def distill_loss(
         raise ValueError("the sample has no answer token after its context")
     prompt = prompt if prompt is not None else prompt_cache(model, sample_ids, context_end)
     kw = dict(sink=sink, recent=recent, empty_heads=empty_heads, checkpoint=checkpoint)
-    if teacher is None:  # teacher and student in one pass
+    if teacher is None and one_pass:
         teacher, student = decode_hidden(model, sample_ids, prompt, scale, with_teacher=True, **kw).unbind(0)
-        teacher = teacher.detach()[None]
-        student = student[None]
+        teacher, student = teacher.detach()[None], student[None]
     else:
+        if teacher is None:
+            with torch.no_grad():
+                teacher = decode_hidden(model, sample_ids, prompt, None, sink=sink, recent=recent)
         student = decode_hidden(model, sample_ids, prompt, scale, **kw)
     s = student[0, predict].float()
     t = teacher[0, predict].float()

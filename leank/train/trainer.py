@@ -281,10 +281,12 @@ class Trainer:
                 recent=self.cfg.recent,
                 empty_heads=empty,
                 checkpoint=self.recompute,
+                one_pass=self.cfg.one_pass,
             )
             if backward_over is not None:
                 loss = loss / backward_over
                 loss.backward(retain_graph=retain_graph)
+                loss = loss.detach()  # the graph (kept by retain_graph in stage 2) goes with the last reference
             return loss
         except torch.cuda.OutOfMemoryError:
             cuda = self.device.type == "cuda"
