@@ -74,18 +74,30 @@ def _tanh(x):
 
 
 @triton.jit
-def _group_params(params, rows, valid, row_params, NG: tl.constexpr, SYM: tl.constexpr):
-    """Per-group scales and zeros ``[len(rows), NG]`` of a tile's rows, each row's (scale, zero)
-    pairs (``SYM``: scales; the zeros returned are the scales again, unused) as one vector load."""
-    PPG: tl.constexpr = 1 if SYM else 2  # params per group: (scale, zero), or the scale alone
-    offs_p = tl.arange(0, PPG * NG)
-    pairs = tl.load(params + rows[:, None] * row_params + offs_p[None, :],
-                    mask=valid[:, None] & (offs_p[None, :] < row_params), other=0.0).to(tl.float32)
+def _load_params(params, rows, valid, row_params, NP: tl.constexpr):
+    """The first ``NP`` scale/zero entries of each of a tile's rows ``[len(rows), NP]``, as stored: one vector
+    load per row (entries past ``row_params`` and rows not ``valid`` come out 0)."""
+    offs_p = tl.arange(0, NP)
+    return tl.load(params + rows[:, None] * row_params + offs_p[None, :],
+                   mask=valid[:, None] & (offs_p[None, :] < row_params), other=0.0)
+
+
+@triton.jit
+def _split_params(pairs, NG: tl.constexpr, SYM: tl.constexpr):
+    """Per-group scales and zeros ``[rows, NG]`` of rows of (scale, zero) pairs (``SYM``: scales; the zeros
+    returned are the scales again, unused)."""
     if SYM:
         scale, zero = pairs, pairs
     else:
-        scale, zero = tl.split(tl.reshape(pairs, (rows.shape[0], NG, 2)))
+        scale, zero = tl.split(tl.reshape(pairs, (pairs.shape[0], NG, 2)))
     return scale, zero
+
+
+@triton.jit
+def _group_params(params, rows, valid, row_params, NG: tl.constexpr, SYM: tl.constexpr):
+    """Per-group fp32 scales and zeros ``[len(rows), NG]`` of a tile's rows (:func:`_split_params`)."""
+    PPG: tl.constexpr = 1 if SYM else 2  # params per group: (scale, zero), or the scale alone
+    return _split_params(_load_params(params, rows, valid, row_params, PPG * NG).to(tl.float32), NG, SYM)
 
 
 @triton.jit
@@ -190,10 +202,7 @@ def _int4_rows(codes, params, rows, valid, NCOL: tl.constexpr, row_bytes, row_pa
     offs_b = tl.arange(0, NCOL // 2)
     byte = tl.load(codes + rows[:, None] * row_bytes + offs_b[None, :],
                    mask=valid[:, None] & (offs_b[None, :] < row_bytes), other=0)
-    offs_p = tl.arange(0, NP)
-    pairs = tl.load(params + rows[:, None] * row_params + offs_p[None, :],
-                    mask=valid[:, None] & (offs_p[None, :] < row_params), other=0.0)
-    return byte, pairs
+    return byte, _load_params(params, rows, valid, row_params, NP)
 
 
 @triton.jit
@@ -213,11 +222,7 @@ def _dequant_halves(byte, pairs, NCOL: tl.constexpr, GROUP: tl.constexpr, SYM: t
     HALF: tl.constexpr = NCOL // 2
     GW: tl.constexpr = GROUP if GROUP < NCOL else NCOL
     NG: tl.constexpr = NCOL // GW
-    pairs = pairs.to(DT)
-    if SYM:
-        scale, zero = pairs, pairs
-    else:
-        scale, zero = tl.split(tl.reshape(pairs, (BLOCK, NG, 2)))
+    scale, zero = _split_params(pairs.to(DT), NG, SYM)
     if DT == tl.float32:
         byte = byte.to(tl.int32)
         lo = _affine(tl.reshape((byte & 15).to(tl.float32), (BLOCK, NG, GW // 2)), scale, zero, 4, SYM)

@@ -54,8 +54,8 @@ class TrainConfig:
     # the trainer's memory check (off when the longest sample fits comfortably, see Trainer.check_memory)
     recompute: bool | None = None
     # teacher and student's decode-region passes as one batch of two rows: ~18% fewer host dispatches per step
-    # (what bounds small models on a GPU), but the backward runs over the teacher's row too (+60% backward
-    # compute on a compute-bound CPU); off until a GPU measures it (docs/LOG.md, eighth session)
+    # (what bounds small models on a GPU), but the backward runs over the teacher's row too (a step 5-7% slower
+    # on a compute-bound CPU, benchmarks/results/train_step_ops_cpu); off until a GPU measures it
     one_pass: bool = False
     stage1_alpha: str | None = None  # alpha.safetensors of a finished stage 1 (same model): stage 1 skipped
     # "last": each mask from stage 2's α (the paper's recipe); "best": from stage 1's α binarised instead when
