@@ -490,9 +490,9 @@ def test_int4_tiles_equal_dequantize(quant, dtype):
     becomes a number by setting exponent bits, the scale applied in the dtype) against
     ``leank.quant.dequantize`` rounded to the dtype, on random rows with invalid ones: equal in fp32, for
     the symmetric format in every dtype, and on a GPU for the asymmetric one too (one fused multiply-add
-    rounds the exact value once, as rounding the fp32 value does); the interpreter rounds the product and
-    the sum apart (up to 2 eps of the largest value). Runs the fp16 path in the interpreter too (the
-    whole-kernel tests there run fp32 arithmetic)."""
+    rounds the exact value once, as rounding the fp32 value does; in fp32 the reference itself rounds twice: 1 eps);
+    the interpreter rounds the product and the sum apart (up to 2 eps of the largest value). Runs the fp16
+    path in the interpreter too (the whole-kernel tests there run fp32 arithmetic)."""
     import triton
     import triton.language as tl
 
@@ -519,8 +519,10 @@ def test_int4_tiles_equal_dequantize(quant, dtype):
     out = torch.full((16, n), float("nan"), device=DEVICE)
     tiles[(1,)](codes.to(DEVICE), params.to(DEVICE), out, rows, codes.shape[-1], params.shape[-1], NCOL=n,
                 GROUP=quant.group, SYM=quant.symmetric)
-    exact = quant.symmetric or dtype == torch.float32 or CUDA
-    ulp = 0.0 if exact else 2 * torch.finfo(dtype).eps * expect.abs().max().item()
+    # fp32 on a GPU: the kernel's fused multiply-add rounds once where the reference (fp32 torch) rounds the
+    # product and the sum apart, so they may differ by one rounding of the largest value (seen on an H200)
+    exact = quant.symmetric or (dtype == torch.float32 and not CUDA) or (CUDA and dtype != torch.float32)
+    ulp = 0.0 if exact else (1 if CUDA else 2) * torch.finfo(dtype).eps * expect.abs().max().item()
     assert (out.cpu() - expect).abs().max().item() <= ulp, f"seed {seed}"
 
 

@@ -36,6 +36,9 @@ def register(subparsers) -> None:
     p.add_argument("--one-pass", action="store_true",
                    help="run the teacher's and the student's decode-region passes as one batch of two (fewer host "
                         "dispatches, more compute and memory; the same objective)")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="replay each sample's decode-region passes as CUDA graphs, one per padded shape (for small "
+                        "models, whose steps the host bounds; one GPU, no --fsdp; the same objective up to rounding)")
     recompute = p.add_mutually_exclusive_group()
     recompute.add_argument("--recompute", dest="recompute", action="store_const", const=True, default=None,
                            help="recompute each layer's attention in the backward pass (same result; less memory, "
@@ -65,7 +68,8 @@ def _run(args) -> int:
         stage2_steps=args.steps2, lr1=args.lr1, lr2=args.lr2, reg=args.reg, batch=args.batch, corpus=args.corpus,
         seed=args.seed, checkpoint_every=args.checkpoint_every, device=args.device, dtype=args.dtype,
         workers=args.workers, validation_samples=args.validation_samples, fsdp=args.fsdp,
-        recompute=args.recompute, one_pass=args.one_pass, stage1_alpha=args.stage1_alpha, stage2_keep=args.stage2_keep,
+        recompute=args.recompute, one_pass=args.one_pass, cuda_graphs=args.cuda_graphs,
+        stage1_alpha=args.stage1_alpha, stage2_keep=args.stage2_keep,
     )
     summary = train(cfg, resume=args.resume)
     if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 prints

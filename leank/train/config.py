@@ -57,6 +57,9 @@ class TrainConfig:
     # (what bounds small models on a GPU), but the backward runs over the teacher's row too (a step 5-7% slower
     # on a compute-bound CPU, benchmarks/results/train_step_ops_cpu); off until a GPU measures it
     one_pass: bool = False
+    # the decode-region passes at padded shapes as CUDA graphs (leank.train.graphs): one GPU, no FSDP, a model whose
+    # prompt pass can be padded; for small models, whose steps the host bounds
+    cuda_graphs: bool = False
     stage1_alpha: str | None = None  # alpha.safetensors of a finished stage 1 (same model): stage 1 skipped
     # "last": each mask from stage 2's α (the paper's recipe); "best": from stage 1's α binarised instead when
     # stage 2 raised the binarised mask's held-out loss (the two can land at slightly different sparsities)
@@ -84,6 +87,8 @@ class TrainConfig:
             raise LeanKError(f"reg (λ) must be >= 0, got {self.reg}")
         if not (0 <= self.warmup <= 1 and 0 <= self.decay <= 1 and self.warmup + self.decay <= 1):
             raise LeanKError("warmup and decay are fractions of the steps and must add up to at most 1")
+        if self.cuda_graphs and (self.fsdp or self.one_pass):
+            raise LeanKError("--cuda-graphs runs on one GPU without --fsdp and replaces --one-pass: drop one of them")
         if self.min_length <= self.sink + self.recent:
             raise LeanKError(
                 f"min_length {self.min_length} leaves no middle tokens with sink {self.sink} + recent "

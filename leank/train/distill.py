@@ -123,7 +123,8 @@ def binary_scale(alpha: torch.Tensor, sparsity: float, alignment: int) -> tuple[
 PROMPT_BUCKET = 512
 
 
-def prompt_cache(model, sample_ids: torch.Tensor, context_end: int, *, bucket: int | None = None) -> DynamicCache:
+def prompt_cache(model, sample_ids: torch.Tensor, context_end: int, *, bucket: int | None = None,
+                 keep_padding: bool = False) -> DynamicCache:
     """The frozen model's K/V for the prompt ``[:, :context_end]`` (no grad).
 
     On a GPU (``bucket`` None: :data:`PROMPT_BUCKET` there, 1 elsewhere) the pass runs over the prompt
@@ -135,7 +136,8 @@ def prompt_cache(model, sample_ids: torch.Tensor, context_end: int, *, bucket: i
     of a ~0.4 s step (benchmarks/results/train_scale_h200/). Models with sliding-window layers (whose
     cache keeps only the window), models whose RoPE depends on the sequence length (dynamic NTK,
     LongRoPE: the padding could change every position's frequencies) and prompts the padding would
-    take past the model's context run unpadded."""
+    take past the model's context run unpadded. ``keep_padding``: the K/V of the padded pass, padding
+    included (its length tells whether the pass was padded)."""
     ids = sample_ids[:, :context_end]
     bucket = bucket or (PROMPT_BUCKET if ids.is_cuda else 1)
     pad = -context_end % bucket
@@ -145,7 +147,7 @@ def prompt_cache(model, sample_ids: torch.Tensor, context_end: int, *, bucket: i
     cache = DynamicCache()
     with torch.no_grad():
         _decoder(model)(input_ids=ids, use_cache=True, **cache_kwargs(cache))
-    if ids.shape[1] > context_end:
+    if ids.shape[1] > context_end and not keep_padding:
         for layer in cache.layers:
             layer.keys, layer.values = layer.keys[:, :, :context_end], layer.values[:, :, :context_end]
     return cache
@@ -162,6 +164,16 @@ def _length_independent(model) -> bool:
         if any(isinstance(k, str) and ("dynamic" in k or k == "longrope") for k in kinds):
             return False
     return True
+
+
+def region_masks(key_pos: torch.Tensor, key_valid: torch.Tensor, query_pos: torch.Tensor, *, sink: int,
+                 recent: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The decode-region pass's (``use_full``, ``visible``) bool ``[q, T]``, shared by every layer: query
+    ``query_pos`` ``[q]`` sees key ``key_pos`` ``[T]`` when the key is valid (``key_valid``: not padding) and
+    not after it, in full by :func:`leank.contract.in_full`."""
+    use_full = in_full(key_pos, query_pos, torch.zeros(1, dtype=torch.long, device=key_pos.device), sink=sink,
+                       recent=recent)[0]
+    return use_full, key_valid[None, :] & (key_pos[None, :] <= query_pos[:, None])
 
 
 def decode_hidden(
@@ -189,31 +201,42 @@ def decode_hidden(
     if with_teacher and scale is None:
         raise ValueError("with_teacher needs the student's scale")
     context_end = prompt.get_seq_length()
-    rows = 2 if with_teacher else 1
     device, total = sample_ids.device, sample_ids.shape[1]
     i = torch.arange(context_end, total, device=device)  # query positions
     j = torch.arange(total, device=device)  # key positions
-    masks = (in_full(j, i, torch.zeros(1, dtype=torch.long, device=device), sink=sink, recent=recent)[0],
-             j[None, :] <= i[:, None])  # [q, T] each, shared by every layer
+    masks = region_masks(j, torch.ones(total, dtype=torch.bool, device=device), i, sink=sink, recent=recent)
+    kv = [(layer.keys, layer.values) for layer in prompt.layers]
+    if with_teacher:
+        ones = torch.ones_like(scale)
+        scale = torch.stack([ones, scale], 1)  # [rows, 2, H, D]
+        if empty_heads is not None:
+            empty_heads = torch.stack([torch.zeros_like(empty_heads), empty_heads], 1)
+    return region_hidden(model, sample_ids[:, context_end:], i, kv, masks, scale, empty_heads,
+                         checkpoint=checkpoint, rows=2 if with_teacher else 1)
+
+
+def region_hidden(model, region_ids: torch.Tensor, positions: torch.Tensor, prompt_kv, masks, scale, empty_heads, *,
+                  checkpoint: bool = False, rows: int = 1) -> torch.Tensor:
+    """The decode-region forward behind :func:`decode_hidden`: tokens ``region_ids`` ``[1, q]`` at
+    ``positions`` ``[q]`` over each layer's prompt K/V ``prompt_kv`` (``(keys, values)`` ``[1, H, P, D]`` per
+    layer, P keys at positions ``0 … P-1``) and their own, with :func:`region_masks`' ``masks`` ``[q, P + q]``;
+    ``scale``/``empty_heads`` per compressed layer (``[rows, …]`` per layer when ``rows`` is 2: teacher and
+    student as one batch). Shapes only: no host sync, so a CUDA graph can capture it (:mod:`.graphs`)."""
     layers, row = [], 0
-    for window, layer in zip(layer_windows(model.config), prompt.layers, strict=True):
+    for window, (keys, values) in zip(layer_windows(model.config), prompt_kv, strict=True):
         if window is not None:  # a sliding-window layer: dense, over a copy of the prompt K/V
             dense = DynamicLayer()
-            dense.update(layer.keys.expand(rows, -1, -1, -1), layer.values.expand(rows, -1, -1, -1))
+            dense.update(keys.expand(rows, -1, -1, -1), values.expand(rows, -1, -1, -1))
             layers.append(dense)
             continue
         layer_scale = None if scale is None else scale[row]
         layer_empty = None if empty_heads is None else empty_heads[row]
-        if with_teacher:
-            layer_scale = torch.stack([torch.ones_like(layer_scale), layer_scale])
-            if layer_empty is not None:
-                layer_empty = torch.stack([torch.zeros_like(layer_empty), layer_empty])
-        layers.append(ScaledPromptLayer(
-            layer.keys, layer.values, layer_scale, masks, empty_heads=layer_empty, checkpoint=checkpoint))
+        layers.append(ScaledPromptLayer(keys, values, layer_scale, masks, empty_heads=layer_empty,
+                                        checkpoint=checkpoint))
         row += 1
     out = _decoder(model)(
-        input_ids=sample_ids[:, context_end:].expand(rows, -1),
-        position_ids=i[None].expand(rows, -1),
+        input_ids=region_ids.expand(rows, -1),
+        position_ids=positions[None].expand(rows, -1),
         use_cache=True,
         **cache_kwargs(Cache(layers=layers)),
     )
@@ -234,6 +257,7 @@ def distill_loss(
     teacher: torch.Tensor | None = None,
     checkpoint: bool = False,
     one_pass: bool = False,
+    region=None,
 ) -> torch.Tensor:
     """Relative hidden-state MSE of one sample ``[1, T]``, differentiable w.r.t. ``scale``
     ``[L, H, D]``, on the positions that predict answer tokens.
@@ -243,12 +267,17 @@ def distill_loss(
     the loss is 0 at α = 1 in any dtype.
     ``prompt``/``teacher`` may be passed in to reuse them across calls on one sample; ``one_pass`` (without a
     given ``teacher``): teacher and student as one batched pass (:func:`decode_hidden`'s ``with_teacher``);
-    ``checkpoint``: recompute each layer's attention in the backward pass (less memory, same result).
+    ``checkpoint``: recompute each layer's attention in the backward pass (less memory, same result);
+    ``region`` (a :class:`leank.train.graphs.StaticRegion`): the prompt pass and both decode-region passes
+    at padded shapes, captured as CUDA graphs on a GPU (the same loss up to rounding).
     """
     predict = answer_mask[1:].nonzero().flatten()
     predict = predict[predict >= context_end] - context_end
     if predict.numel() == 0:
         raise ValueError("the sample has no answer token after its context")
+    if region is not None:
+        student, teacher = region(sample_ids, context_end, scale, empty_heads, checkpoint=checkpoint)
+        return relative_mse(student, teacher, predict)
     prompt = prompt if prompt is not None else prompt_cache(model, sample_ids, context_end)
     kw = dict(sink=sink, recent=recent, empty_heads=empty_heads, checkpoint=checkpoint)
     if teacher is None and one_pass:
@@ -259,6 +288,11 @@ def distill_loss(
             with torch.no_grad():
                 teacher = decode_hidden(model, sample_ids, prompt, None, sink=sink, recent=recent)
         student = decode_hidden(model, sample_ids, prompt, scale, **kw)
+    return relative_mse(student, teacher, predict)
+
+
+def relative_mse(student: torch.Tensor, teacher: torch.Tensor, predict: torch.Tensor) -> torch.Tensor:
+    """The loss on the decode-region rows ``predict`` of hidden states ``[1, q, hidden]``."""
     s = student[0, predict].float()
     t = teacher[0, predict].float()
     return (s - t).pow(2).mean() / t.pow(2).mean().clamp_min(1e-12)

@@ -119,6 +119,13 @@ class Trainer:
             dist.on_main(self._check_stage1_shape)
         if cfg.fsdp:
             shard_model(self.model, self.device)
+        self.region = None
+        if cfg.cuda_graphs:
+            from .graphs import StaticRegion
+
+            if self.device.type != "cuda" or dist.enabled:
+                raise LeanKError("--cuda-graphs needs one CUDA GPU and one process (not --device cpu, not torchrun)")
+            self.region = StaticRegion(self.model, sink=cfg.sink, recent=cfg.recent, capture=True)
         # Before the run directory holds a run: a context that does not fit leaves nothing to resume.
         self.recompute = bool(cfg.recompute)  # settled by the memory check when None (auto)
         self.memory_check = self.check_memory()
@@ -282,6 +289,7 @@ class Trainer:
                 empty_heads=empty,
                 checkpoint=self.recompute,
                 one_pass=self.cfg.one_pass,
+                region=self.region,
             )
             if backward_over is not None:
                 loss = loss / backward_over

@@ -1,0 +1,149 @@
+"""A training sample's decode-region passes at fixed shapes, captured as CUDA graphs.
+
+On a small model (SmolLM2-135M) a training step is bound by the host: ~11,000 small kernels
+launched one by one from Python while the GPU idles (benchmarks/results/train_smollm2_time_h200).
+:class:`StaticRegion` pads each sample to a few shapes and replays, per shape, one CUDA graph
+for the teacher's and the student's decode-region forward passes and one for the student's
+backward pass (:func:`leank.train.distill.region_hidden`; the prompt pass stays eager):
+
+* the prompt pass runs over the prompt padded to a multiple of ``prompt_bucket`` tokens (as on
+  any GPU, :func:`~leank.train.distill.prompt_cache`), and its K/V are kept padded: the padding
+  keys are invisible to every query (:func:`~leank.train.distill.region_masks`);
+* the decode region is padded at its end to a multiple of ``query_bucket`` tokens: later tokens
+  are never seen by earlier ones, and the loss reads the real rows only.
+
+So a sample's loss and α's gradient are the eager objective's up to rounding (reductions over
+padded lengths), bit for bit when nothing is padded. Each shape is captured on first use (one
+warm-up pass, then the capture; the graphs share one memory pool, which is safe because a
+graph's forward and backward replays are never interleaved with another graph's). On the CPU
+(``capture=False``) the same padded passes run eagerly: that is what the CPU tests check.
+
+Not for models whose prompt pass cannot be padded (sliding-window layers, RoPE that follows
+the sequence length): :func:`supports` says which.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import LeanKError
+from .distill import PROMPT_BUCKET, _length_independent, prompt_cache, region_hidden, region_masks
+
+QUERY_BUCKET = 64  # SmolLM2's training samples have 26-66 question + answer tokens: two shapes per prompt length
+_SCALE = 4  # index of ``scale`` among a pass's inputs (ids, positions, use_full, visible, scale, empty, *kv)
+
+
+def supports(model) -> bool:
+    """The model's prompt pass can be padded (no sliding-window layer, RoPE independent of the length)."""
+    return _length_independent(model)
+
+
+class StaticRegion:
+    """Callable ``(sample_ids [1, T], context_end, scale, empty_heads, *, checkpoint)`` → (student, teacher)
+    final hidden states ``[1, T - context_end, hidden]`` of the decode region, as
+    :func:`~leank.train.distill.decode_hidden` gives them (module docstring)."""
+
+    def __init__(self, model, *, sink: int, recent: int, capture: bool, prompt_bucket: int = PROMPT_BUCKET,
+                 query_bucket: int = QUERY_BUCKET):
+        if not supports(model):
+            raise LeanKError("CUDA graphs for training need a model whose prompt pass can be padded: this one has "
+                             "sliding-window layers or a RoPE that follows the sequence length (train without them)")
+        self.model, self.sink, self.recent, self.capture = model, sink, recent, capture
+        self.prompt_bucket, self.query_bucket = prompt_bucket, query_bucket
+        self.graphs: dict[tuple, _Captured] = {}
+        self.pool = torch.cuda.graph_pool_handle() if capture else None
+
+    def __call__(self, sample_ids: torch.Tensor, context_end: int, scale: torch.Tensor,
+                 empty_heads: torch.Tensor | None, *, checkpoint: bool = False):
+        inputs = self.inputs(sample_ids, context_end, scale, empty_heads)
+        q = sample_ids.shape[1] - context_end
+        if not self.capture:
+            student, teacher = self._passes(checkpoint)(*inputs)
+        else:
+            key = (inputs[0].shape[1], inputs[2].shape[1], checkpoint)  # (padded region, keys, recompute)
+            if key not in self.graphs:
+                self.graphs[key] = _Captured(self._passes(checkpoint), inputs, self.pool)
+            student, teacher = _Replay.apply(self.graphs[key], *inputs)
+        return student[:, :q], teacher[:, :q]
+
+    def inputs(self, sample_ids: torch.Tensor, context_end: int, scale: torch.Tensor,
+               empty_heads: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+        """The padded passes' inputs: region ids ``[1, q']`` and positions ``[q']``, masks ``[q', P' + q']``,
+        ``scale``, ``empty_heads`` (all False in stage 1), each layer's prompt keys and values ``[1, H, P', D]``."""
+        device, total = sample_ids.device, sample_ids.shape[1]
+        prompt = prompt_cache(self.model, sample_ids, context_end, bucket=self.prompt_bucket, keep_padding=True)
+        padded = prompt.get_seq_length()
+        q = total - context_end
+        region = sample_ids[:, context_end:]
+        region = torch.cat([region, region[:, -1:].expand(-1, -q % self.query_bucket)], 1)
+        positions = torch.arange(context_end, context_end + region.shape[1], device=device)
+        key_pos = torch.cat([torch.arange(padded, device=device), positions])
+        key_valid = torch.cat([torch.arange(padded, device=device) < context_end,
+                               torch.ones(region.shape[1], dtype=torch.bool, device=device)])
+        use_full, visible = region_masks(key_pos, key_valid, positions, sink=self.sink, recent=self.recent)
+        if empty_heads is None:
+            empty_heads = torch.zeros(scale.shape[:2], dtype=torch.bool, device=scale.device)
+        kv = [t for layer in prompt.layers for t in (layer.keys, layer.values)]
+        return (region, positions, use_full, visible, scale, empty_heads, *kv)
+
+    def _passes(self, checkpoint: bool):
+        model = self.model
+
+        def passes(region, positions, use_full, visible, scale, empty_heads, *kv):
+            prompt_kv = list(zip(kv[0::2], kv[1::2], strict=True))
+            masks = (use_full, visible)
+            with torch.no_grad():  # the teacher: every key in full
+                teacher = region_hidden(model, region, positions, prompt_kv, masks, None, None)
+            student = region_hidden(model, region, positions, prompt_kv, masks, scale, empty_heads,
+                                    checkpoint=checkpoint)
+            return student, teacher
+
+        return passes
+
+
+class _Captured:
+    """One shape's graphs: the forward passes (student and teacher) and the student's backward to ``scale``,
+    over static copies of the inputs."""
+
+    def __init__(self, passes, inputs: tuple[torch.Tensor, ...], pool):
+        self.inputs = tuple(x.detach().clone() for x in inputs)
+        self.inputs[_SCALE].requires_grad_(True)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up: lazy initialisation (cuBLAS workspaces, …) outside the capture
+            student, _ = passes(*self.inputs)
+            torch.autograd.grad(student, self.inputs[_SCALE], torch.ones_like(student))
+        torch.cuda.current_stream().wait_stream(side)
+        del student
+        self.forward, self.backward = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.forward, pool=pool):
+            self.student, self.teacher = passes(*self.inputs)
+        self.grad_student = torch.empty_like(self.student)
+        with torch.cuda.graph(self.backward, pool=pool):
+            (self.grad_scale,) = torch.autograd.grad(self.student, self.inputs[_SCALE], self.grad_student)
+
+
+class _Replay(torch.autograd.Function):
+    """Copies a sample's inputs into a captured shape's, replays its forward graph, and in the backward pass
+    its backward graph. Outputs and the gradient are copied out of the graphs' memory (the next replay of
+    any shape may reuse it)."""
+
+    @staticmethod
+    def forward(ctx, captured: _Captured, *inputs):
+        for static, x in zip(captured.inputs, inputs, strict=True):
+            static.copy_(x)
+        captured.forward.replay()
+        ctx.captured = captured
+        teacher = captured.teacher.clone()
+        ctx.mark_non_differentiable(teacher)
+        return captured.student.clone(), teacher
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_student, _grad_teacher):
+        captured = ctx.captured
+        captured.grad_student.copy_(grad_student)
+        captured.backward.replay()
+        grads = [None] * len(captured.inputs)
+        grads[_SCALE] = captured.grad_scale.clone()
+        return (None, *grads)

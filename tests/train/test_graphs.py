@@ -1,0 +1,127 @@
+"""The training sample's decode-region passes at padded shapes (:mod:`leank.train.graphs`): on the CPU the
+padded passes run eagerly and must give the eager objective; on a GPU their CUDA graphs must give the padded
+passes' result bit for bit, across shapes and replays."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import leank
+from leank.errors import LeanKError
+from leank.train.distill import binary_scale, distill_loss
+from leank.train.graphs import StaticRegion
+
+from ..conftest import tiny_model
+
+CUDA = torch.cuda.is_available()
+
+
+def _setup(arch: str, device="cpu", dtype=torch.float32):
+    model = tiny_model(arch, layers=2, head_dim=16, qk_gain=3.0).to(device, dtype)
+    model.requires_grad_(False)
+    leank.enable(model)
+    return model
+
+
+def _sample(gen, total: int, context_end: int, device="cpu"):
+    ids = torch.randint(3, 97, (1, total), generator=gen).to(device)
+    answer = torch.zeros(total, dtype=torch.bool)
+    answer[context_end + int(torch.randint(1, total - context_end - 2, (1,), generator=gen)):] = True
+    return ids, answer.to(device)
+
+
+def _loss_and_grad(model, ids, context_end, answer, alpha0, binary, **kw):
+    alpha = alpha0.clone().requires_grad_(True)
+    scale, empty = binary_scale(alpha, 0.5, 4) if binary else (alpha, None)
+    loss = distill_loss(model, ids, context_end, answer, scale, sink=4, recent=8, empty_heads=empty, **kw)
+    loss.backward()
+    return loss.detach(), alpha.grad
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])  # plain; QKV bias; q/k norms
+@pytest.mark.parametrize("binary", [False, True])
+def test_padded_passes_give_the_eager_objective(arch, binary):
+    """Fresh random tokens, prompt and region lengths and α: the loss and α's gradient of the padded passes
+    (prompt padded to 16, region to 8 tokens) equal the eager objective's within fp32 rounding, and bit for bit
+    when nothing needs padding; the padding is real (it changes the shapes) and invisible (a padding key made
+    visible changes the loss)."""
+    model = _setup(arch)
+    gen = torch.Generator().manual_seed(torch.seed() % 2**31)
+    shape = leank.masks.kv_shape(model.config)
+    for context_end, total, padded in ((37, 50, True), (48, 64, False)):
+        ids, answer = _sample(gen, total, context_end)
+        alpha0 = torch.rand(shape, generator=gen)
+        alpha0[0, 1] = 0.0  # an emptied head in the binary stage
+        eager = _loss_and_grad(model, ids, context_end, answer, alpha0, binary)
+        region = StaticRegion(model, sink=4, recent=8, capture=False, prompt_bucket=16, query_bucket=8)
+        inputs = region.inputs(ids, context_end, alpha0, None)
+        assert inputs[2].shape[1] == (48 + 16 if padded else total)  # keys: prompt to 48, region 13 -> 16
+        static = _loss_and_grad(model, ids, context_end, answer, alpha0, binary, region=region)
+        assert eager[0] > 0 and eager[1].abs().sum() > 0
+        if padded:
+            torch.testing.assert_close(static, eager, rtol=1e-5, atol=1e-8)
+        else:
+            assert torch.equal(static[0], eager[0]) and torch.equal(static[1], eager[1])
+
+    # a padding key made visible must change the result (the masks, not luck, hide it)
+    ids, answer = _sample(gen, 50, 37)
+    alpha0 = torch.rand(shape, generator=gen)
+    region = StaticRegion(model, sink=4, recent=8, capture=False, prompt_bucket=16, query_bucket=8)
+    leaky = region.inputs
+
+    def leak(*a):
+        out = list(leaky(*a))
+        out[3] = out[3].clone()
+        out[3][:, 37:48] = True  # the prompt's padding keys
+        return tuple(out)
+
+    region.inputs = leak
+    wrong = _loss_and_grad(model, ids, 37, answer, alpha0, binary, region=region)
+    right = _loss_and_grad(model, ids, 37, answer, alpha0, binary)
+    assert not torch.allclose(wrong[0], right[0], rtol=1e-4)
+
+
+def test_models_whose_prompt_cannot_be_padded_are_refused():
+    """Sliding-window layers (Gemma 2) keep only their window: the padded prompt pass would be wrong there."""
+    with pytest.raises(LeanKError, match="sliding-window"):
+        StaticRegion(_setup("gemma2"), sink=4, recent=8, capture=False)
+
+
+def test_cuda_graphs_option_is_checked():
+    from leank.train import TrainConfig
+
+    with pytest.raises(LeanKError, match="--cuda-graphs"):
+        TrainConfig(cuda_graphs=True, one_pass=True)
+    with pytest.raises(LeanKError, match="--cuda-graphs"):
+        TrainConfig(cuda_graphs=True, fsdp=True)
+
+
+@pytest.mark.skipif(not CUDA, reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_graphs_replay_the_padded_passes(dtype):
+    """On a GPU: several samples over three shapes, in an order that returns to captured shapes, both stages,
+    recomputation on and off: every loss and gradient of the replayed graphs equals the padded passes run
+    eagerly, bit for bit, and one graph pair is captured per shape (and recompute setting)."""
+    model = _setup("llama", "cuda", dtype)
+    gen = torch.Generator().manual_seed(torch.seed() % 2**31)
+    shape = leank.masks.kv_shape(model.config)
+    eager = StaticRegion(model, sink=4, recent=8, capture=False, prompt_bucket=16, query_bucket=8)
+    graphed = StaticRegion(model, sink=4, recent=8, capture=True, prompt_bucket=16, query_bucket=8)
+    lengths = [(37, 50), (60, 75), (40, 52), (33, 41), (61, 70), (38, 50)]  # shapes A B A C B A
+    for i, (context_end, total) in enumerate(lengths):
+        ids, answer = _sample(gen, total, context_end, "cuda")
+        alpha0 = torch.rand(shape, generator=gen).cuda()
+        for binary in (False, True):
+            for checkpoint in (False, True) if i < 2 else (False,):
+                kw = dict(checkpoint=checkpoint)
+                want = _loss_and_grad(model, ids, context_end, answer, alpha0, binary, region=eager, **kw)
+                got = _loss_and_grad(model, ids, context_end, answer, alpha0, binary, region=graphed, **kw)
+                assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), (i, binary, checkpoint)
+                assert want[1].abs().sum() > 0
+    assert len(graphed.graphs) == 5  # A, B (each with and without recompute), C
+    with torch.no_grad():  # the validation passes: forward graphs only
+        ids, answer = _sample(gen, 50, 37, "cuda")
+        alpha0 = torch.rand(shape, generator=gen).cuda()
+        want = distill_loss(model, ids, 37, answer, alpha0, sink=4, recent=8, region=eager)
+        assert torch.equal(distill_loss(model, ids, 37, answer, alpha0, sink=4, recent=8, region=graphed), want)
