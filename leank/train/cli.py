@@ -33,12 +33,13 @@ def register(subparsers) -> None:
     p.add_argument("--workers", type=int, default=2, help="data-generation worker processes")
     p.add_argument("--validation-samples", type=int, default=16, help="held-out samples for validation losses")
     p.add_argument("--fsdp", action="store_true", help="under torchrun: shard the frozen model (FSDP2 fully_shard)")
-    p.add_argument("--one-pass", action="store_true",
-                   help="run the teacher's and the student's decode-region passes as one batch of two (fewer host "
-                        "dispatches, more compute and memory; the same objective)")
-    p.add_argument("--cuda-graphs", action="store_true",
-                   help="replay each sample's decode-region passes as CUDA graphs, one per padded shape (for small "
-                        "models, whose steps the host bounds; one GPU, no --fsdp; the same objective up to rounding)")
+    graphs = p.add_mutually_exclusive_group()
+    graphs.add_argument("--cuda-graphs", dest="cuda_graphs", action="store_const", const=True, default=None,
+                        help="replay each sample's decode-region passes as CUDA graphs, one per padded shape (the same "
+                             "objective up to rounding; one GPU, no torchrun). Default: auto — on for models under 1B "
+                             "parameters, whose steps the host bounds")
+    graphs.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_const", const=False,
+                        help="run every pass eagerly")
     recompute = p.add_mutually_exclusive_group()
     recompute.add_argument("--recompute", dest="recompute", action="store_const", const=True, default=None,
                            help="recompute each layer's attention in the backward pass (same result; less memory, "
@@ -68,7 +69,7 @@ def _run(args) -> int:
         stage2_steps=args.steps2, lr1=args.lr1, lr2=args.lr2, reg=args.reg, batch=args.batch, corpus=args.corpus,
         seed=args.seed, checkpoint_every=args.checkpoint_every, device=args.device, dtype=args.dtype,
         workers=args.workers, validation_samples=args.validation_samples, fsdp=args.fsdp,
-        recompute=args.recompute, one_pass=args.one_pass, cuda_graphs=args.cuda_graphs,
+        recompute=args.recompute, cuda_graphs=args.cuda_graphs,
         stage1_alpha=args.stage1_alpha, stage2_keep=args.stage2_keep,
     )
     summary = train(cfg, resume=args.resume)

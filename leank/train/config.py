@@ -8,6 +8,7 @@ from ..errors import LeanKError
 from ..masks import DEFAULT_RECENT, DEFAULT_SINK, check_sparsity, check_window
 
 STAGE2_KEEP = ("best", "last")
+GRAPHS_AUTO_PARAMS = 1_000_000_000
 
 
 @dataclass(frozen=True)
@@ -53,13 +54,11 @@ class TrainConfig:
     # recompute each layer's attention in the backward pass (memory only, same result); None: auto, decided by
     # the trainer's memory check (off when the longest sample fits comfortably, see Trainer.check_memory)
     recompute: bool | None = None
-    # teacher and student's decode-region passes as one batch of two rows: ~18% fewer host dispatches per step
-    # (what bounds small models on a GPU), but the backward runs over the teacher's row too (a step 5-7% slower
-    # on a compute-bound CPU, benchmarks/results/train_step_ops_cpu); off until a GPU measures it
-    one_pass: bool = False
-    # the decode-region passes at padded shapes as CUDA graphs (leank.train.graphs): one GPU, no FSDP, a model whose
-    # prompt pass can be padded; for small models, whose steps the host bounds
-    cuda_graphs: bool = False
+    # each sample's decode-region passes at padded shapes as CUDA graphs (leank.train.graphs): small models' steps
+    # are bound by the host (SmolLM2 on an H200: 0.23 -> 0.10 s per stage-1 step). None: auto, on for a model of
+    # fewer than GRAPHS_AUTO_PARAMS parameters on one GPU (no torchrun) whose prompt pass can be padded; a large
+    # model's step is bound by arithmetic, and capturing each of its many shapes would cost more than it saves
+    cuda_graphs: bool | None = None
     stage1_alpha: str | None = None  # alpha.safetensors of a finished stage 1 (same model): stage 1 skipped
     # "last": each mask from stage 2's α (the paper's recipe); "best": from stage 1's α binarised instead when
     # stage 2 raised the binarised mask's held-out loss (the two can land at slightly different sparsities)
@@ -87,8 +86,8 @@ class TrainConfig:
             raise LeanKError(f"reg (λ) must be >= 0, got {self.reg}")
         if not (0 <= self.warmup <= 1 and 0 <= self.decay <= 1 and self.warmup + self.decay <= 1):
             raise LeanKError("warmup and decay are fractions of the steps and must add up to at most 1")
-        if self.cuda_graphs and (self.fsdp or self.one_pass):
-            raise LeanKError("--cuda-graphs runs on one GPU without --fsdp and replaces --one-pass: drop one of them")
+        if self.cuda_graphs and self.fsdp:
+            raise LeanKError("--cuda-graphs runs on one GPU, without --fsdp: drop one of them")
         if self.min_length <= self.sink + self.recent:
             raise LeanKError(
                 f"min_length {self.min_length} leaves no middle tokens with sink {self.sink} + recent "

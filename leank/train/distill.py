@@ -186,47 +186,29 @@ def decode_hidden(
     recent: int,
     empty_heads: torch.Tensor | None = None,
     checkpoint: bool = False,
-    with_teacher: bool = False,
 ) -> torch.Tensor:
     """Final hidden states ``[1, T - P, hidden]`` of the decode region with ``scale`` ``[rows, H, D]``
-    on middle keys (row ``i``: the ``i``-th compressed layer; None: every key in full, the teacher).
-
-    ``with_teacher``: ``[2, T - P, hidden]``, the teacher's (row 0: a scale of ones, which gives the same
-    scores bit for bit, and no empty head) and the student's (row 1) in one batched pass — ~18% fewer
-    host dispatches per training step than two passes (they bound small models' steps on a GPU), at the
-    cost of a second row everywhere: its activations, each layer's prompt K/V concatenated twice, and a
-    backward pass over the teacher's row too (its gradient is computed and dropped). Bit for bit the two
-    passes' result on a CPU, except for mixture-of-experts models (experts compute over the batch's
-    tokens together: ~5e-7 in fp32)."""
-    if with_teacher and scale is None:
-        raise ValueError("with_teacher needs the student's scale")
+    on middle keys (row ``i``: the ``i``-th compressed layer; None: every key in full, the teacher)."""
     context_end = prompt.get_seq_length()
     device, total = sample_ids.device, sample_ids.shape[1]
     i = torch.arange(context_end, total, device=device)  # query positions
     j = torch.arange(total, device=device)  # key positions
     masks = region_masks(j, torch.ones(total, dtype=torch.bool, device=device), i, sink=sink, recent=recent)
     kv = [(layer.keys, layer.values) for layer in prompt.layers]
-    if with_teacher:
-        ones = torch.ones_like(scale)
-        scale = torch.stack([ones, scale], 1)  # [rows, 2, H, D]
-        if empty_heads is not None:
-            empty_heads = torch.stack([torch.zeros_like(empty_heads), empty_heads], 1)
-    return region_hidden(model, sample_ids[:, context_end:], i, kv, masks, scale, empty_heads,
-                         checkpoint=checkpoint, rows=2 if with_teacher else 1)
+    return region_hidden(model, sample_ids[:, context_end:], i, kv, masks, scale, empty_heads, checkpoint=checkpoint)
 
 
 def region_hidden(model, region_ids: torch.Tensor, positions: torch.Tensor, prompt_kv, masks, scale, empty_heads, *,
-                  checkpoint: bool = False, rows: int = 1) -> torch.Tensor:
+                  checkpoint: bool = False) -> torch.Tensor:
     """The decode-region forward behind :func:`decode_hidden`: tokens ``region_ids`` ``[1, q]`` at
     ``positions`` ``[q]`` over each layer's prompt K/V ``prompt_kv`` (``(keys, values)`` ``[1, H, P, D]`` per
     layer, P keys at positions ``0 … P-1``) and their own, with :func:`region_masks`' ``masks`` ``[q, P + q]``;
-    ``scale``/``empty_heads`` per compressed layer (``[rows, …]`` per layer when ``rows`` is 2: teacher and
-    student as one batch). Shapes only: no host sync, so a CUDA graph can capture it (:mod:`.graphs`)."""
+    ``scale``/``empty_heads`` per compressed layer. No host sync: a CUDA graph can capture it (:mod:`.graphs`)."""
     layers, row = [], 0
     for window, (keys, values) in zip(layer_windows(model.config), prompt_kv, strict=True):
         if window is not None:  # a sliding-window layer: dense, over a copy of the prompt K/V
             dense = DynamicLayer()
-            dense.update(keys.expand(rows, -1, -1, -1), values.expand(rows, -1, -1, -1))
+            dense.update(keys, values)
             layers.append(dense)
             continue
         layer_scale = None if scale is None else scale[row]
@@ -235,8 +217,8 @@ def region_hidden(model, region_ids: torch.Tensor, positions: torch.Tensor, prom
                                         checkpoint=checkpoint))
         row += 1
     out = _decoder(model)(
-        input_ids=region_ids.expand(rows, -1),
-        position_ids=positions[None].expand(rows, -1),
+        input_ids=region_ids,
+        position_ids=positions[None],
         use_cache=True,
         **cache_kwargs(Cache(layers=layers)),
     )
@@ -256,7 +238,6 @@ def distill_loss(
     prompt: DynamicCache | None = None,
     teacher: torch.Tensor | None = None,
     checkpoint: bool = False,
-    one_pass: bool = False,
     region=None,
 ) -> torch.Tensor:
     """Relative hidden-state MSE of one sample ``[1, T]``, differentiable w.r.t. ``scale``
@@ -265,8 +246,7 @@ def distill_loss(
     The teacher is the same decode-region computation with every key in full (exactly the full
     attention, through the same arithmetic: a scale of 1 gives the same scores bit for bit), so
     the loss is 0 at α = 1 in any dtype.
-    ``prompt``/``teacher`` may be passed in to reuse them across calls on one sample; ``one_pass`` (without a
-    given ``teacher``): teacher and student as one batched pass (:func:`decode_hidden`'s ``with_teacher``);
+    ``prompt``/``teacher`` may be passed in to reuse them across calls on one sample;
     ``checkpoint``: recompute each layer's attention in the backward pass (less memory, same result);
     ``region`` (a :class:`leank.train.graphs.StaticRegion`): the prompt pass and both decode-region passes
     at padded shapes, captured as CUDA graphs on a GPU (the same loss up to rounding).
@@ -279,15 +259,11 @@ def distill_loss(
         student, teacher = region(sample_ids, context_end, scale, empty_heads, checkpoint=checkpoint)
         return relative_mse(student, teacher, predict)
     prompt = prompt if prompt is not None else prompt_cache(model, sample_ids, context_end)
-    kw = dict(sink=sink, recent=recent, empty_heads=empty_heads, checkpoint=checkpoint)
-    if teacher is None and one_pass:
-        teacher, student = decode_hidden(model, sample_ids, prompt, scale, with_teacher=True, **kw).unbind(0)
-        teacher, student = teacher.detach()[None], student[None]
-    else:
-        if teacher is None:
-            with torch.no_grad():
-                teacher = decode_hidden(model, sample_ids, prompt, None, sink=sink, recent=recent)
-        student = decode_hidden(model, sample_ids, prompt, scale, **kw)
+    if teacher is None:
+        with torch.no_grad():
+            teacher = decode_hidden(model, sample_ids, prompt, None, sink=sink, recent=recent)
+    student = decode_hidden(model, sample_ids, prompt, scale, sink=sink, recent=recent, empty_heads=empty_heads,
+                            checkpoint=checkpoint)
     return relative_mse(student, teacher, predict)
 
 

@@ -12,6 +12,8 @@ backward pass (:func:`leank.train.distill.region_hidden`; the prompt pass stays 
 * the decode region is padded at its end to a multiple of ``query_bucket`` tokens: later tokens
   are never seen by earlier ones, and the loss reads the real rows only.
 
+Memory: the graphs share one pool (about one shape's activations) and one prompt's K/V.
+
 So a sample's loss and α's gradient are the eager objective's up to rounding (reductions over
 padded lengths), bit for bit when nothing is padded. Each shape is captured on first use (one
 warm-up pass, then the capture; the graphs share one memory pool, which is safe because a
@@ -30,7 +32,7 @@ from ..errors import LeanKError
 from .distill import PROMPT_BUCKET, _length_independent, prompt_cache, region_hidden, region_masks
 
 QUERY_BUCKET = 64  # SmolLM2's training samples have 26-66 question + answer tokens: two shapes per prompt length
-_SCALE = 4  # index of ``scale`` among a pass's inputs (ids, positions, use_full, visible, scale, empty, *kv)
+_SCALE, _KV = 4, 6  # inputs: ids, positions, use_full, visible, scale, empty_heads, then each layer's K and V
 
 
 def supports(model) -> bool:
@@ -51,6 +53,7 @@ class StaticRegion:
         self.model, self.sink, self.recent, self.capture = model, sink, recent, capture
         self.prompt_bucket, self.query_bucket = prompt_bucket, query_bucket
         self.graphs: dict[tuple, _Captured] = {}
+        self.kv_store: list[torch.Tensor] | None = None
         self.pool = torch.cuda.graph_pool_handle() if capture else None
 
     def __call__(self, sample_ids: torch.Tensor, context_end: int, scale: torch.Tensor,
@@ -62,7 +65,7 @@ class StaticRegion:
         else:
             key = (inputs[0].shape[1], inputs[2].shape[1], checkpoint)  # (padded region, keys, recompute)
             if key not in self.graphs:
-                self.graphs[key] = _Captured(self._passes(checkpoint), inputs, self.pool)
+                self.graphs[key] = _Captured(self._passes(checkpoint), self._static(inputs), self.pool)
             student, teacher = _Replay.apply(self.graphs[key], *inputs)
         return student[:, :q], teacher[:, :q]
 
@@ -86,6 +89,16 @@ class StaticRegion:
         kv = [t for layer in prompt.layers for t in (layer.keys, layer.values)]
         return (region, positions, use_full, visible, scale, empty_heads, *kv)
 
+    def _static(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        """A new shape's own copies of the inputs; its prompt K/V are views of one store shared by every shape
+        (sized for the longest prompt, which the trainer's memory check captures first), so the graphs hold one
+        prompt's K/V, not one per shape."""
+        kv = inputs[_KV:]
+        length = kv[0].shape[2]
+        if self.kv_store is None or self.kv_store[0].shape[2] < length:  # graphs captured before keep the old one
+            self.kv_store = [x.new_empty(x.shape[:2] + (length,) + x.shape[3:]) for x in kv]
+        return (*(x.detach().clone() for x in inputs[:_KV]), *(s[:, :, :length] for s in self.kv_store))
+
     def _passes(self, checkpoint: bool):
         model = self.model
 
@@ -103,10 +116,10 @@ class StaticRegion:
 
 class _Captured:
     """One shape's graphs: the forward passes (student and teacher) and the student's backward to ``scale``,
-    over static copies of the inputs."""
+    over ``inputs`` (static tensors that each replay's inputs are copied into)."""
 
     def __init__(self, passes, inputs: tuple[torch.Tensor, ...], pool):
-        self.inputs = tuple(x.detach().clone() for x in inputs)
+        self.inputs = inputs
         self.inputs[_SCALE].requires_grad_(True)
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())

@@ -28,7 +28,7 @@ from .._io import atomic_write, atomic_write_json, check_writable_dir, write_err
 from ..errors import LeanKError
 from ..masks import binarize, hybrid_layers, kv_shape
 from ..models import check_device
-from .config import TrainConfig
+from .config import GRAPHS_AUTO_PARAMS, TrainConfig
 from .distill import binary_scale, distill_loss
 from .distributed import Dist, setup, shard_model, sync_grad
 
@@ -119,18 +119,27 @@ class Trainer:
             dist.on_main(self._check_stage1_shape)
         if cfg.fsdp:
             shard_model(self.model, self.device)
-        self.region = None
-        if cfg.cuda_graphs:
-            from .graphs import StaticRegion
-
-            if self.device.type != "cuda" or dist.enabled:
-                raise LeanKError("--cuda-graphs needs one CUDA GPU and one process (not --device cpu, not torchrun)")
-            self.region = StaticRegion(self.model, sink=cfg.sink, recent=cfg.recent, capture=True)
+        self.region = self._static_region()
         # Before the run directory holds a run: a context that does not fit leaves nothing to resume.
         self.recompute = bool(cfg.recompute)  # settled by the memory check when None (auto)
         self.memory_check = self.check_memory()
         if dist.is_main:
             atomic_write_json(self.out / "config.json", cfg.to_dict())
+
+    def _static_region(self):
+        """The CUDA-graph passes (``cfg.cuda_graphs``; None: auto, see :class:`TrainConfig`), or None."""
+        from .graphs import StaticRegion, supports
+
+        cfg, one_gpu = self.cfg, self.device.type == "cuda" and not self.dist.enabled
+        if cfg.cuda_graphs is None:
+            params = sum(p.numel() for p in self.model.parameters())
+            if not (one_gpu and params < GRAPHS_AUTO_PARAMS and supports(self.model)):
+                return None
+        elif not cfg.cuda_graphs:
+            return None
+        elif not one_gpu:
+            raise LeanKError("--cuda-graphs needs one CUDA GPU and one process (not --device cpu, not torchrun)")
+        return StaticRegion(self.model, sink=cfg.sink, recent=cfg.recent, capture=True)
 
     def _check_out_dir(self, resume: bool) -> None:
         """Rank 0, before anything is written: the corpus is readable, ``out`` is writable, and
@@ -288,7 +297,6 @@ class Trainer:
                 recent=self.cfg.recent,
                 empty_heads=empty,
                 checkpoint=self.recompute,
-                one_pass=self.cfg.one_pass,
                 region=self.region,
             )
             if backward_over is not None:

@@ -82,6 +82,31 @@ def test_padded_passes_give_the_eager_objective(arch, binary):
     assert not torch.allclose(wrong[0], right[0], rtol=1e-4)
 
 
+def test_static_inputs_share_one_prompt_store():
+    """The static inputs a shape's graphs read: the prompt K/V are views of one store sized for the longest prompt
+    seen (shared by every shape), the rest the shape's own copies; the passes over them (copied in, as a replay
+    does) give the passes over the inputs themselves, bit for bit."""
+    model = _setup("llama")
+    gen = torch.Generator().manual_seed(torch.seed() % 2**31)
+    shape = leank.masks.kv_shape(model.config)
+    region = StaticRegion(model, sink=4, recent=8, capture=False, prompt_bucket=16, query_bucket=8)
+    statics = []
+    for context_end, total in ((60, 75), (37, 50)):  # the longer prompt first, as the memory check does
+        ids, _ = _sample(gen, total, context_end)
+        inputs = region.inputs(ids, context_end, torch.rand(shape, generator=gen), None)
+        static = region._static(inputs)
+        for s, x in zip(static, inputs, strict=True):
+            s.copy_(x)
+        passes = region._passes(False)
+        for got, want in zip(passes(*static), passes(*inputs), strict=True):
+            assert torch.equal(got, want)
+        statics.append(static)
+    (long, short), k = statics, 6
+    assert short[k].untyped_storage().data_ptr() == long[k].untyped_storage().data_ptr()  # one store
+    assert short[k].shape[2] == 48 and long[k].shape[2] == 64 and not short[k].is_contiguous()
+    assert short[4].data_ptr() != long[4].data_ptr()  # each shape's own scale
+
+
 def test_models_whose_prompt_cannot_be_padded_are_refused():
     """Sliding-window layers (Gemma 2) keep only their window: the padded prompt pass would be wrong there."""
     with pytest.raises(LeanKError, match="sliding-window"):
@@ -91,8 +116,6 @@ def test_models_whose_prompt_cannot_be_padded_are_refused():
 def test_cuda_graphs_option_is_checked():
     from leank.train import TrainConfig
 
-    with pytest.raises(LeanKError, match="--cuda-graphs"):
-        TrainConfig(cuda_graphs=True, one_pass=True)
     with pytest.raises(LeanKError, match="--cuda-graphs"):
         TrainConfig(cuda_graphs=True, fsdp=True)
 
@@ -125,3 +148,35 @@ def test_graphs_replay_the_padded_passes(dtype):
         alpha0 = torch.rand(shape, generator=gen).cuda()
         want = distill_loss(model, ids, 37, answer, alpha0, sink=4, recent=8, region=eager)
         assert torch.equal(distill_loss(model, ids, 37, answer, alpha0, sink=4, recent=8, region=graphed), want)
+
+
+@pytest.mark.parametrize("case", ["small", "large", "windows", "cpu", "torchrun", "forced-on", "forced-off",
+                                  "forced-on-cpu"])
+def test_auto_cuda_graphs(case, monkeypatch):
+    """``cuda_graphs`` None (auto): on for a model under 1B parameters on one GPU, whose prompt pass can be
+    padded; off for a larger model, sliding-window layers, the CPU, torchrun; an explicit setting is kept, and
+    asking for graphs without a GPU is one clear error."""
+    from types import SimpleNamespace
+
+    import leank.train.graphs as graphs
+    import leank.train.trainer as trainer_module
+
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: "pool")  # the CPU has no graph pools
+    model = _setup("gemma2" if case == "windows" else "llama")
+    if case == "large":
+        monkeypatch.setattr(trainer_module, "GRAPHS_AUTO_PARAMS", sum(p.numel() for p in model.parameters()))
+    requested = {"forced-on": True, "forced-on-cpu": True, "forced-off": False}.get(case)
+    trainer = SimpleNamespace(
+        cfg=SimpleNamespace(cuda_graphs=requested, sink=4, recent=8), model=model,
+        device=torch.device("cpu" if case in ("cpu", "forced-on-cpu") else "cuda"),
+        dist=SimpleNamespace(enabled=case == "torchrun"),
+    )
+    if case == "forced-on-cpu":
+        with pytest.raises(LeanKError, match="--cuda-graphs needs one CUDA GPU"):
+            trainer_module.Trainer._static_region(trainer)
+        return
+    region = trainer_module.Trainer._static_region(trainer)
+    on = case in ("small", "forced-on")
+    assert isinstance(region, graphs.StaticRegion) if on else region is None
+    if on:
+        assert region.capture and region.pool == "pool"
