@@ -65,7 +65,8 @@ class StaticRegion:
         else:
             key = (inputs[0].shape[1], inputs[2].shape[1], checkpoint)  # (padded region, keys, recompute)
             if key not in self.graphs:
-                self.graphs[key] = _Captured(self._passes(checkpoint), self._static(inputs), self.pool)
+                with torch.enable_grad():  # a shape first met in a validation pass (no grad) is captured all the same
+                    self.graphs[key] = _Captured(self._passes(checkpoint), self._static(inputs), self.pool)
             student, teacher = _Replay.apply(self.graphs[key], *inputs)
         return student[:, :q], teacher[:, :q]
 

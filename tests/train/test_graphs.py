@@ -143,11 +143,14 @@ def test_graphs_replay_the_padded_passes(dtype):
                 assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), (i, binary, checkpoint)
                 assert want[1].abs().sum() > 0
     assert len(graphed.graphs) == 5  # A, B (each with and without recompute), C
-    with torch.no_grad():  # the validation passes: forward graphs only
-        ids, answer = _sample(gen, 50, 37, "cuda")
-        alpha0 = torch.rand(shape, generator=gen).cuda()
-        want = distill_loss(model, ids, 37, answer, alpha0, sink=4, recent=8, region=eager)
-        assert torch.equal(distill_loss(model, ids, 37, answer, alpha0, sink=4, recent=8, region=graphed), want)
+    with torch.no_grad():  # the validation passes: forward graphs only, a shape seen (A) and a new one
+        for context_end, total in ((37, 50), (70, 100)):
+            ids, answer = _sample(gen, total, context_end, "cuda")
+            alpha0 = torch.rand(shape, generator=gen).cuda()
+            want = distill_loss(model, ids, context_end, answer, alpha0, sink=4, recent=8, region=eager)
+            got = distill_loss(model, ids, context_end, answer, alpha0, sink=4, recent=8, region=graphed)
+            assert torch.equal(got, want)
+    assert len(graphed.graphs) == 6
 
 
 @pytest.mark.parametrize("case", ["small", "large", "windows", "cpu", "torchrun", "forced-on", "forced-off",
