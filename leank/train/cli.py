@@ -33,20 +33,16 @@ def register(subparsers) -> None:
     p.add_argument("--workers", type=int, default=2, help="data-generation worker processes")
     p.add_argument("--validation-samples", type=int, default=16, help="held-out samples for validation losses")
     p.add_argument("--fsdp", action="store_true", help="under torchrun: shard the frozen model (FSDP2 fully_shard)")
-    graphs = p.add_mutually_exclusive_group()
-    graphs.add_argument("--cuda-graphs", dest="cuda_graphs", action="store_const", const=True, default=None,
-                        help="replay each sample's decode-region passes as CUDA graphs, one per padded shape (the same "
-                             "objective up to rounding; one GPU, no torchrun). Default: auto — on for models under 1B "
-                             "parameters, whose steps the host bounds")
-    graphs.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_const", const=False,
-                        help="run every pass eagerly")
-    recompute = p.add_mutually_exclusive_group()
-    recompute.add_argument("--recompute", dest="recompute", action="store_const", const=True, default=None,
-                           help="recompute each layer's attention in the backward pass (same result; less memory, "
-                                "more time). Default: auto — off when the memory check's longest sample peaks "
-                                "below 80%% of the GPU, on otherwise (and under --fsdp)")
-    recompute.add_argument("--no-recompute", dest="recompute", action="store_const", const=False,
-                           help="keep every layer's attention activations for the backward pass")
+    _on_off_auto(p, "cuda-graphs",
+                 "replay each sample's decode-region passes as CUDA graphs, one per padded shape (the same objective "
+                 "up to rounding; one GPU, no torchrun). Default: auto — on for models under 1B parameters, whose "
+                 "steps the host bounds",
+                 "run every pass eagerly")
+    _on_off_auto(p, "recompute",
+                 "recompute each layer's attention in the backward pass (same result; less memory, more time). "
+                 "Default: auto — off when the memory check's longest sample peaks below 80%% of the GPU, on "
+                 "otherwise (and under --fsdp)",
+                 "keep every layer's attention activations for the backward pass")
     p.add_argument("--stage1-alpha", default=None, metavar="PATH",
                    help="alpha.safetensors of an earlier run's finished stage 1 (same model): skip stage 1 and "
                         "run stage 2 for each --sparsity from it")
@@ -57,6 +53,13 @@ def register(subparsers) -> None:
                         "differ in achieved sparsity by a percent or so)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.set_defaults(run=_run)
+
+
+def _on_off_auto(parser, name: str, on_help: str, off_help: str) -> None:
+    """``--NAME`` / ``--no-NAME``, stored as True / False; neither: None (the trainer decides)."""
+    group, dest = parser.add_mutually_exclusive_group(), name.replace("-", "_")
+    group.add_argument(f"--{name}", dest=dest, action="store_const", const=True, default=None, help=on_help)
+    group.add_argument(f"--no-{name}", dest=dest, action="store_const", const=False, help=off_help)
 
 
 def _run(args) -> int:

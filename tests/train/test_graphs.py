@@ -183,3 +183,16 @@ def test_auto_cuda_graphs(case, monkeypatch):
     assert isinstance(region, graphs.StaticRegion) if on else region is None
     if on:
         assert region.capture and region.pool == "pool"
+
+
+@pytest.mark.parametrize("flags, graphs, recompute", [([], None, None), (["--cuda-graphs"], True, None),
+                                                      (["--no-cuda-graphs", "--recompute"], False, True),
+                                                      (["--no-recompute"], None, False)])
+def test_cli_on_off_auto_flags(flags, graphs, recompute):
+    """``--cuda-graphs`` / ``--no-cuda-graphs`` (and the recompute pair): True / False, neither: None (auto)."""
+    from leank.cli import build_parser
+
+    args = build_parser("train").parse_args(["train", "--out", "x", *flags])
+    assert (args.cuda_graphs, args.recompute) == (graphs, recompute)
+    with pytest.raises(SystemExit):
+        build_parser("train").parse_args(["train", "--out", "x", "--cuda-graphs", "--no-cuda-graphs"])
