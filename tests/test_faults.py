@@ -354,6 +354,8 @@ def test_train_refusals_leave_nothing(no_model_load, tiny_dir, tmp_path, unwrita
         (["--steps2", "-1"], "stage2_steps must be >= 0"),
         (["--sparsity", "1"], r"sparsity must be in [0, 1)"),
         (["--min-length", "10"], "leaves no middle tokens"),
+        (["--cuda-graphs"], "--cuda-graphs needs one CUDA GPU"),  # these arguments train on the CPU
+        (["--cuda-graphs", "--fsdp"], "--cuda-graphs runs on one GPU, without --fsdp"),
     ]
     for extra, message in cases:
         rc, _, err = run(train_argv(tiny_dir, out, *extra), capsys)

@@ -86,6 +86,8 @@ class TrainConfig:
             raise LeanKError(f"reg (λ) must be >= 0, got {self.reg}")
         if not (0 <= self.warmup <= 1 and 0 <= self.decay <= 1 and self.warmup + self.decay <= 1):
             raise LeanKError("warmup and decay are fractions of the steps and must add up to at most 1")
+        if self.cuda_graphs not in (None, True, False):
+            raise LeanKError(f"cuda_graphs must be True, False or None (auto), got {self.cuda_graphs!r}")
         if self.cuda_graphs and self.fsdp:
             raise LeanKError("--cuda-graphs runs on one GPU, without --fsdp: drop one of them")
         if self.min_length <= self.sink + self.recent:
@@ -119,6 +121,7 @@ class TrainConfig:
         "corpus",
         "seed",
         "stage1_alpha",
+        "cuda_graphs",  # graphs and eager passes round differently: a resumed run would not continue bit for bit
     )
 
     def lr_factor(self, step: int, steps: int) -> float:

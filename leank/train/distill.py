@@ -70,8 +70,11 @@ class ScaledPromptLayer(DynamicLayer):
         args = (query, self.prompt_k, self.prompt_v, k_new, v_new, self.scale, sinks)
         kw = dict(scaling=scaling, softcap=softcap, masks=self.masks, empty_heads=self.empty_heads)
         if self.checkpoint and torch.is_grad_enabled():
-            # Inputs are saved by reference (the prompt K/V are the prompt cache's own tensors).
-            return torch.utils.checkpoint.checkpoint(scaled_attention, *args, use_reentrant=False, **kw)
+            # Inputs are saved by reference (the prompt K/V are the prompt cache's own tensors). No RNG state to
+            # restore: the attention draws no random numbers, and reading it inside a CUDA graph capture fails
+            # before torch 2.10.
+            return torch.utils.checkpoint.checkpoint(scaled_attention, *args, use_reentrant=False,
+                                                     preserve_rng_state=False, **kw)
         return scaled_attention(*args, **kw)
 
     def get_seq_length(self) -> int:
@@ -248,14 +251,17 @@ def distill_loss(
     the loss is 0 at α = 1 in any dtype.
     ``prompt``/``teacher`` may be passed in to reuse them across calls on one sample;
     ``checkpoint``: recompute each layer's attention in the backward pass (less memory, same result);
-    ``region`` (a :class:`leank.train.graphs.StaticRegion`): the prompt pass and both decode-region passes
-    at padded shapes, captured as CUDA graphs on a GPU (the same loss up to rounding).
+    ``region`` (a :class:`leank.train.graphs.StaticRegion`, which brings its own prompt pass, sink and
+    recent): both decode-region passes at padded shapes, replayed as CUDA graphs on a GPU (the same loss up
+    to rounding).
     """
     predict = answer_mask[1:].nonzero().flatten()
     predict = predict[predict >= context_end] - context_end
     if predict.numel() == 0:
         raise ValueError("the sample has no answer token after its context")
     if region is not None:
+        if prompt is not None or teacher is not None or (sink, recent) != (region.sink, region.recent):
+            raise ValueError("a region makes its own prompt K/V and teacher, with its own sink and recent")
         student, teacher = region(sample_ids, context_end, scale, empty_heads, checkpoint=checkpoint)
         return relative_mse(student, teacher, predict)
     prompt = prompt if prompt is not None else prompt_cache(model, sample_ids, context_end)

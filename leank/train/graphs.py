@@ -21,7 +21,7 @@ graph's forward and backward replays are never interleaved with another graph's)
 (``capture=False``) the same padded passes run eagerly: that is what the CPU tests check.
 
 Not for models whose prompt pass cannot be padded (sliding-window layers, RoPE that follows
-the sequence length): :func:`supports` says which.
+the sequence length) or that route tokens to experts: :func:`unsupported` says why.
 """
 
 from __future__ import annotations
@@ -35,26 +35,39 @@ QUERY_BUCKET = 64  # SmolLM2's training samples have 26-66 question + answer tok
 _SCALE, _KV = 4, 6  # inputs: ids, positions, use_full, visible, scale, empty_heads, then each layer's K and V
 
 
-def supports(model) -> bool:
-    """The model's prompt pass can be padded (no sliding-window layer, RoPE independent of the length)."""
-    return _length_independent(model)
+def unsupported(model) -> str | None:
+    """Why the model's training passes cannot be captured this way, or None: a prompt pass that cannot be
+    padded (sliding-window layers keep only their window; RoPE that follows the sequence length), or
+    mixture-of-experts layers (their routing sizes tensors by the data, a host sync inside the capture)."""
+    if not _length_independent(model):
+        return "it has sliding-window layers or a RoPE that follows the sequence length"
+    config = getattr(model.config, "get_text_config", lambda: model.config)()
+    if any(getattr(config, name, None) for name in ("num_local_experts", "num_experts", "n_routed_experts")):
+        return "it routes tokens to experts (mixture of experts)"
+    return None
 
 
 class StaticRegion:
     """Callable ``(sample_ids [1, T], context_end, scale, empty_heads, *, checkpoint)`` → (student, teacher)
     final hidden states ``[1, T - context_end, hidden]`` of the decode region, as
-    :func:`~leank.train.distill.decode_hidden` gives them (module docstring)."""
+    :func:`~leank.train.distill.decode_hidden` gives them (module docstring). ``max_prompt``: the longest
+    prompt expected (sizes the shared K/V store up front; a longer one grows it)."""
 
     def __init__(self, model, *, sink: int, recent: int, capture: bool, prompt_bucket: int = PROMPT_BUCKET,
-                 query_bucket: int = QUERY_BUCKET):
-        if not supports(model):
-            raise LeanKError("CUDA graphs for training need a model whose prompt pass can be padded: this one has "
-                             "sliding-window layers or a RoPE that follows the sequence length (train without them)")
+                 query_bucket: int = QUERY_BUCKET, max_prompt: int = 0):
+        reason = unsupported(model)
+        if reason is not None:
+            raise LeanKError(f"cannot train this model with CUDA graphs: {reason} (use --no-cuda-graphs)")
         self.model, self.sink, self.recent, self.capture = model, sink, recent, capture
-        self.prompt_bucket, self.query_bucket = prompt_bucket, query_bucket
+        self.prompt_bucket, self.query_bucket, self.max_prompt = prompt_bucket, query_bucket, max_prompt
+        self.replays = 0  # forward replays so far: a backward must follow its own forward's replay
+        self.reset()
+
+    def reset(self) -> None:
+        """Drop every captured shape and its memory (e.g. before capturing again with recomputation)."""
         self.graphs: dict[tuple, _Captured] = {}
         self.kv_store: list[torch.Tensor] | None = None
-        self.pool = torch.cuda.graph_pool_handle() if capture else None
+        self.pool = torch.cuda.graph_pool_handle() if self.capture else None
 
     def __call__(self, sample_ids: torch.Tensor, context_end: int, scale: torch.Tensor,
                  empty_heads: torch.Tensor | None, *, checkpoint: bool = False):
@@ -62,13 +75,24 @@ class StaticRegion:
         q = sample_ids.shape[1] - context_end
         if not self.capture:
             student, teacher = self._passes(checkpoint)(*inputs)
-        else:
+            return student[:, :q], teacher[:, :q]
+        with torch.cuda.device(sample_ids.device):  # streams, capture and replay on the sample's GPU
             key = (inputs[0].shape[1], inputs[2].shape[1], checkpoint)  # (padded region, keys, recompute)
             if key not in self.graphs:
-                with torch.enable_grad():  # a shape first met in a validation pass (no grad) is captured all the same
-                    self.graphs[key] = _Captured(self._passes(checkpoint), self._static(inputs), self.pool)
-            student, teacher = _Replay.apply(self.graphs[key], *inputs)
+                self.graphs[key] = self._capture(checkpoint, inputs)
+            student, teacher = _Replay.apply(self, self.graphs[key], *inputs)
         return student[:, :q], teacher[:, :q]
+
+    def _capture(self, checkpoint: bool, inputs) -> _Captured:
+        try:
+            with torch.enable_grad():  # a shape first met in a validation pass (no grad) is captured all the same
+                return _Captured(self._passes(checkpoint), self._static(inputs), self.pool)
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except RuntimeError as e:  # a capture that fails leaves nothing usable (and may hide running out of memory)
+            self.reset()
+            raise LeanKError(f"capturing a training step as a CUDA graph failed ({str(e).splitlines()[0]}): "
+                             "train with --no-cuda-graphs") from None
 
     def inputs(self, sample_ids: torch.Tensor, context_end: int, scale: torch.Tensor,
                empty_heads: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
@@ -76,7 +100,10 @@ class StaticRegion:
         ``scale``, ``empty_heads`` (all False in stage 1), each layer's prompt keys and values ``[1, H, P', D]``."""
         device, total = sample_ids.device, sample_ids.shape[1]
         prompt = prompt_cache(self.model, sample_ids, context_end, bucket=self.prompt_bucket, keep_padding=True)
-        padded = prompt.get_seq_length()
+        kv = [t for layer in prompt.layers for t in (layer.keys, layer.values)]
+        padded = -(-context_end // self.prompt_bucket) * self.prompt_bucket
+        if kv[0].shape[2] < padded:  # the pass ran unpadded (the model's context ends first): zero keys, masked
+            kv = [torch.nn.functional.pad(t, (0, 0, 0, padded - t.shape[2])) for t in kv]
         q = total - context_end
         region = sample_ids[:, context_end:]
         region = torch.cat([region, region[:, -1:].expand(-1, -q % self.query_bucket)], 1)
@@ -87,17 +114,17 @@ class StaticRegion:
         use_full, visible = region_masks(key_pos, key_valid, positions, sink=self.sink, recent=self.recent)
         if empty_heads is None:
             empty_heads = torch.zeros(scale.shape[:2], dtype=torch.bool, device=scale.device)
-        kv = [t for layer in prompt.layers for t in (layer.keys, layer.values)]
         return (region, positions, use_full, visible, scale, empty_heads, *kv)
 
     def _static(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
         """A new shape's own copies of the inputs; its prompt K/V are views of one store shared by every shape
-        (sized for the longest prompt, which the trainer's memory check captures first), so the graphs hold one
-        prompt's K/V, not one per shape."""
+        (sized for ``max_prompt`` or the longest prompt seen), so the graphs hold one prompt's K/V, not one per
+        shape."""
         kv = inputs[_KV:]
         length = kv[0].shape[2]
         if self.kv_store is None or self.kv_store[0].shape[2] < length:  # graphs captured before keep the old one
-            self.kv_store = [x.new_empty(x.shape[:2] + (length,) + x.shape[3:]) for x in kv]
+            size = max(length, -(-self.max_prompt // self.prompt_bucket) * self.prompt_bucket)
+            self.kv_store = [x.new_empty(x.shape[:2] + (size,) + x.shape[3:]) for x in kv]
         return (*(x.detach().clone() for x in inputs[:_KV]), *(s[:, :, :length] for s in self.kv_store))
 
     def _passes(self, checkpoint: bool):
@@ -140,14 +167,16 @@ class _Captured:
 class _Replay(torch.autograd.Function):
     """Copies a sample's inputs into a captured shape's, replays its forward graph, and in the backward pass
     its backward graph. Outputs and the gradient are copied out of the graphs' memory (the next replay of
-    any shape may reuse it)."""
+    any shape may reuse it); a backward pass must come before the next forward replay of any shape (they
+    share memory): summing two samples' losses before one backward is refused."""
 
     @staticmethod
-    def forward(ctx, captured: _Captured, *inputs):
+    def forward(ctx, region: StaticRegion, captured: _Captured, *inputs):
         for static, x in zip(captured.inputs, inputs, strict=True):
             static.copy_(x)
         captured.forward.replay()
-        ctx.captured = captured
+        region.replays += 1
+        ctx.region, ctx.replay, ctx.captured = region, region.replays, captured
         teacher = captured.teacher.clone()
         ctx.mark_non_differentiable(teacher)
         return captured.student.clone(), teacher
@@ -155,9 +184,12 @@ class _Replay(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_student, _grad_teacher):
+        if ctx.region.replays != ctx.replay:
+            raise RuntimeError("a CUDA-graph training sample must be backpropagated before the next sample's "
+                               "forward pass (its activations are reused): call backward once per sample")
         captured = ctx.captured
         captured.grad_student.copy_(grad_student)
         captured.backward.replay()
         grads = [None] * len(captured.inputs)
         grads[_SCALE] = captured.grad_scale.clone()
-        return (None, *grads)
+        return (None, None, *grads)

@@ -84,6 +84,7 @@ class Trainer:
         check_device(cfg.device)  # before dist.device(), which would pick a GPU that does not exist
         dist.on_main(lambda: self._check_out_dir(resume))
         self.device = dist.device(cfg.device)
+        self._check_graphs_device()  # before the model loads
         if cfg.batch < dist.world:
             raise LeanKError(
                 f"--batch {cfg.batch} is smaller than the {dist.world} processes: each step's samples are split "
@@ -128,18 +129,22 @@ class Trainer:
 
     def _static_region(self):
         """The CUDA-graph passes (``cfg.cuda_graphs``; None: auto, see :class:`TrainConfig`), or None."""
-        from .graphs import StaticRegion, supports
+        from .graphs import StaticRegion, unsupported
 
-        cfg, one_gpu = self.cfg, self.device.type == "cuda" and not self.dist.enabled
+        cfg = self.cfg
+        self._check_graphs_device()
         if cfg.cuda_graphs is None:
+            one_gpu = self.device.type == "cuda" and not self.dist.enabled
             params = sum(p.numel() for p in self.model.parameters())
-            if not (one_gpu and params < GRAPHS_AUTO_PARAMS and supports(self.model)):
+            if not (one_gpu and params < GRAPHS_AUTO_PARAMS and unsupported(self.model) is None):
                 return None
         elif not cfg.cuda_graphs:
             return None
-        elif not one_gpu:
+        return StaticRegion(self.model, sink=cfg.sink, recent=cfg.recent, capture=True, max_prompt=cfg.max_length)
+
+    def _check_graphs_device(self) -> None:
+        if self.cfg.cuda_graphs and (self.device.type != "cuda" or self.dist.enabled):
             raise LeanKError("--cuda-graphs needs one CUDA GPU and one process (not --device cpu, not torchrun)")
-        return StaticRegion(self.model, sink=cfg.sink, recent=cfg.recent, capture=True)
 
     def _check_out_dir(self, resume: bool) -> None:
         """Rank 0, before anything is written: the corpus is readable, ``out`` is writable, and
@@ -312,6 +317,7 @@ class Trainer:
                 + ("" if self.recompute else ", or use --recompute")
                 + ("" if self.cfg.dtype in ("bfloat16", "bf16", "float16", "fp16") else ", or use --dtype bfloat16")
                 + ("" if self.cfg.fsdp or not self.dist.enabled else ", or shard the model with --fsdp")
+                + ("" if self.region is None else ", or use --no-cuda-graphs")
             ) from None
 
     def check_memory(self) -> dict:
@@ -340,6 +346,8 @@ class Trainer:
             need = self.dist.all_reduce_sum(torch.tensor([float(need)], device=self.device)).item() > 0
         if need:
             self.recompute = True
+            if self.region is not None:  # the graphs captured without recomputation would keep their memory
+                self.region.reset()
             torch.cuda.empty_cache()
             out = self._longest_sample()
         return dict(out, recompute=self.recompute)
@@ -403,6 +411,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> d
     trainer = Trainer(cfg, resume=resume, progress=progress, dist=dist)
     summary: dict = {"config": cfg.to_dict(), "processes": dist.world, "stages": {}}
     summary["memory_check"] = trainer.memory_check
+    summary["cuda_graphs"] = trainer.region is not None  # what auto (None) resolved to
     cuda = trainer.device.type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats(trainer.device)

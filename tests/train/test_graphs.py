@@ -105,12 +105,23 @@ def test_static_inputs_share_one_prompt_store():
     assert short[k].untyped_storage().data_ptr() == long[k].untyped_storage().data_ptr()  # one store
     assert short[k].shape[2] == 48 and long[k].shape[2] == 64 and not short[k].is_contiguous()
     assert short[4].data_ptr() != long[4].data_ptr()  # each shape's own scale
+    # a longer prompt than the store holds: a new, larger store (the shapes captured before keep theirs)
+    ids, _ = _sample(gen, 95, 80)
+    longer = region._static(region.inputs(ids, 80, torch.rand(shape, generator=gen), None))
+    assert longer[k].shape[2] == 80 and longer[k].untyped_storage().data_ptr() != long[k].untyped_storage().data_ptr()
+    # max_prompt sizes the store up front
+    sized = StaticRegion(model, sink=4, recent=8, capture=False, prompt_bucket=16, query_bucket=8, max_prompt=90)
+    first = sized._static(sized.inputs(ids[:, :50], 37, torch.rand(shape, generator=gen), None))
+    assert first[k].shape[2] == 48 and first[k].untyped_storage().nbytes() == 96 * first[k].shape[1] * 16 * 4
 
 
-def test_models_whose_prompt_cannot_be_padded_are_refused():
-    """Sliding-window layers (Gemma 2) keep only their window: the padded prompt pass would be wrong there."""
-    with pytest.raises(LeanKError, match="sliding-window"):
-        StaticRegion(_setup("gemma2"), sink=4, recent=8, capture=False)
+@pytest.mark.parametrize("arch, reason", [("gemma2", "sliding-window"), ("mixtral", "experts"),
+                                          ("qwen3_moe", "experts")])
+def test_models_the_graphs_cannot_capture_are_refused(arch, reason):
+    """Sliding-window layers (Gemma 2) keep only their window: the padded prompt pass would be wrong there;
+    mixture-of-experts routing sizes tensors by the data (a host sync inside a capture)."""
+    with pytest.raises(LeanKError, match=f"{reason}.*--no-cuda-graphs"):
+        StaticRegion(_setup(arch), sink=4, recent=8, capture=False)
 
 
 def test_cuda_graphs_option_is_checked():
@@ -153,7 +164,7 @@ def test_graphs_replay_the_padded_passes(dtype):
     assert len(graphed.graphs) == 6
 
 
-@pytest.mark.parametrize("case", ["small", "large", "windows", "cpu", "torchrun", "forced-on", "forced-off",
+@pytest.mark.parametrize("case", ["small", "large", "windows", "moe", "cpu", "torchrun", "forced-on", "forced-off",
                                   "forced-on-cpu"])
 def test_auto_cuda_graphs(case, monkeypatch):
     """``cuda_graphs`` None (auto): on for a model under 1B parameters on one GPU, whose prompt pass can be
@@ -165,15 +176,16 @@ def test_auto_cuda_graphs(case, monkeypatch):
     import leank.train.trainer as trainer_module
 
     monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: "pool")  # the CPU has no graph pools
-    model = _setup("gemma2" if case == "windows" else "llama")
+    model = _setup({"windows": "gemma2", "moe": "qwen2_moe"}.get(case, "llama"))
     if case == "large":
         monkeypatch.setattr(trainer_module, "GRAPHS_AUTO_PARAMS", sum(p.numel() for p in model.parameters()))
     requested = {"forced-on": True, "forced-on-cpu": True, "forced-off": False}.get(case)
     trainer = SimpleNamespace(
-        cfg=SimpleNamespace(cuda_graphs=requested, sink=4, recent=8), model=model,
+        cfg=SimpleNamespace(cuda_graphs=requested, sink=4, recent=8, max_length=100), model=model,
         device=torch.device("cpu" if case in ("cpu", "forced-on-cpu") else "cuda"),
         dist=SimpleNamespace(enabled=case == "torchrun"),
     )
+    trainer._check_graphs_device = lambda: trainer_module.Trainer._check_graphs_device(trainer)
     if case == "forced-on-cpu":
         with pytest.raises(LeanKError, match="--cuda-graphs needs one CUDA GPU"):
             trainer_module.Trainer._static_region(trainer)
@@ -182,7 +194,7 @@ def test_auto_cuda_graphs(case, monkeypatch):
     on = case in ("small", "forced-on")
     assert isinstance(region, graphs.StaticRegion) if on else region is None
     if on:
-        assert region.capture and region.pool == "pool"
+        assert region.capture and region.pool == "pool" and region.max_prompt == 100
 
 
 @pytest.mark.parametrize("flags, graphs, recompute", [([], None, None), (["--cuda-graphs"], True, None),
@@ -196,3 +208,40 @@ def test_cli_on_off_auto_flags(flags, graphs, recompute):
     assert (args.cuda_graphs, args.recompute) == (graphs, recompute)
     with pytest.raises(SystemExit):
         build_parser("train").parse_args(["train", "--out", "x", "--cuda-graphs", "--no-cuda-graphs"])
+
+
+def test_prompt_the_model_cannot_pad_is_padded_with_masked_zeros():
+    """A prompt whose padding would run past the model's context is passed unpadded; its K/V are then padded
+    with zeros to the bucket (masked keys), so the shapes stay few — and the objective is unchanged."""
+    model = _setup("llama")
+    gen = torch.Generator().manual_seed(torch.seed() % 2**31)
+    ids, answer = _sample(gen, 50, 37)
+    model.config.max_position_embeddings = 40  # 37 -> 48 would pass it
+    alpha0 = torch.rand(leank.masks.kv_shape(model.config), generator=gen)
+    region = StaticRegion(model, sink=4, recent=8, capture=False, prompt_bucket=16, query_bucket=8)
+    inputs = region.inputs(ids, 37, alpha0, None)
+    assert inputs[6].shape[2] == 48 and inputs[6][:, :, 37:].abs().sum() == 0
+    torch.testing.assert_close(_loss_and_grad(model, ids, 37, answer, alpha0, False, region=region),
+                               _loss_and_grad(model, ids, 37, answer, alpha0, False), rtol=1e-5, atol=1e-8)
+
+
+def test_a_backward_after_another_replay_is_refused():
+    """Shapes share the graphs' memory: a sample's backward pass after another sample's forward replay would read
+    overwritten activations, so it is refused (the trainer runs backward once per sample)."""
+    from types import SimpleNamespace
+
+    from leank.train.graphs import _Replay
+
+    region = SimpleNamespace(replays=0)
+    scale = torch.zeros(2, 3, requires_grad=True)
+    captured = SimpleNamespace(
+        inputs=(torch.zeros(1), torch.zeros(1), torch.zeros(1), torch.zeros(1), torch.zeros(2, 3), torch.zeros(1)),
+        forward=SimpleNamespace(replay=lambda: None), backward=SimpleNamespace(replay=lambda: None),
+        student=torch.ones(4), teacher=torch.ones(4), grad_student=torch.zeros(4), grad_scale=torch.full((2, 3), 7.0))
+    args = (torch.zeros(1), torch.zeros(1), torch.zeros(1), torch.zeros(1), scale, torch.zeros(1))
+    first, _ = _Replay.apply(region, captured, *args)
+    second, _ = _Replay.apply(region, captured, *args)
+    with pytest.raises(RuntimeError, match="backpropagated before the next sample"):
+        first.sum().backward()
+    second.sum().backward()  # its own replay is the last one: fine
+    assert torch.equal(scale.grad, torch.full((2, 3), 7.0))

@@ -249,6 +249,59 @@ def test_bad_training_input(tiny_dir, tmp_path):
             train(config(tiny_dir, tmp_path / "g", device="cuda"), progress=False)
 
 
+def test_trainer_trains_through_the_static_region(tiny_dir, tmp_path, monkeypatch):
+    """With graphs on (here the same padded passes run eagerly: the CPU cannot capture), every training and
+    validation sample goes through the region, and the run learns the eager run's α within rounding
+    (batch 2 and both stages: a backward per sample) — and records what it used."""
+    import leank.train.trainer as trainer_module
+    from leank.train.graphs import StaticRegion
+
+    calls = []
+
+    class Counting(StaticRegion):
+        def __call__(self, *a, **k):
+            calls.append(a[1])
+            return super().__call__(*a, **k)
+
+    monkeypatch.setattr(trainer_module.Trainer, "_static_region", lambda self: Counting(
+        self.model, sink=4, recent=8, capture=False, prompt_bucket=64, query_bucket=16))
+    graphed = train(config(tiny_dir, tmp_path / "g", batch=2), progress=False)
+    monkeypatch.undo()
+    eager = train(config(tiny_dir, tmp_path / "e", batch=2), progress=False)
+    # memory check (2 passes) + 2 × (6 + 4) training samples + validation (2 samples × 3 passes)
+    assert len(calls) == 2 + 20 + 6
+    assert graphed["cuda_graphs"] is True and eager["cuda_graphs"] is False
+    a, b = (load_file(str(tmp_path / r / "alpha.safetensors"))["alpha"] for r in ("g", "e"))
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+    assert not torch.equal(a, torch.ones_like(a))
+
+
+def test_loss_reads_the_rows_that_predict_answer_tokens():
+    """The loss against an independent computation: the model's own forward (its attention, every key in full)
+    gives the teacher's hidden states; the student's with α = 0 on middle keys is the same code path's; the
+    relative MSE is taken over exactly the positions whose next token is an answer token."""
+    from leank.train.distill import decode_hidden, prompt_cache
+
+    model = tiny_model("llama", layers=2, head_dim=16, qk_gain=3.0)
+    model.requires_grad_(False)
+    gen = torch.Generator().manual_seed(torch.seed() % 2**31)
+    ids = torch.randint(3, 97, (1, 64), generator=gen)
+    with torch.no_grad():
+        own = model.model(input_ids=ids).last_hidden_state[0]
+    leank.enable(model)
+    answer = torch.zeros(64, dtype=torch.bool)
+    start = int(torch.randint(45, 60, (1,), generator=gen))
+    answer[start:] = True
+    scale = torch.rand(leank.masks.kv_shape(model.config), generator=gen)
+    with torch.no_grad():
+        student = decode_hidden(model, ids, prompt_cache(model, ids, 40), scale, sink=4, recent=8)[0]
+        loss = distill_loss(model, ids, 40, answer, scale, sink=4, recent=8)
+    rows = list(range(start - 1, 63))  # position p predicts token p + 1
+    s, t = student[[r - 40 for r in rows]].double(), own[rows].double()
+    expect = ((s - t) ** 2).mean() / (t**2).mean()
+    torch.testing.assert_close(loss.double(), expect, rtol=1e-4, atol=0)
+
+
 def test_every_architecture_trains(arch):
     """Both stages' objective on each architecture: at α = 1 the decode-region hidden states
     equal the model's own forward (its default attention and masks: sliding windows,
@@ -544,7 +597,7 @@ def test_auto_recompute_follows_the_memory_check(case, monkeypatch):
     trainer = SimpleNamespace(
         cfg=SimpleNamespace(recompute=requested, fsdp=case == "fsdp"),
         device=torch.device("cpu" if case == "cpu" else "cuda"),
-        dist=SimpleNamespace(enabled=False), recompute=None, _longest_sample=longest_sample,
+        dist=SimpleNamespace(enabled=False), recompute=None, _longest_sample=longest_sample, region=None,
     )
     out = trainer_module.Trainer.check_memory(trainer)
     expected = {"fits": (False, [False]), "tight": (True, [False, True]), "oom": (True, [False, True]),
