@@ -87,11 +87,10 @@ class ScaledPromptLayer(DynamicLayer):
 def scaled_attention(query, prompt_k, prompt_v, k_new, v_new, scale, sinks, *, scaling, softcap, masks,
                      empty_heads) -> torch.Tensor:
     """The student's attention ``[B, H_q, q, D]`` of the decode-region queries over the prompt
-    K/V and their own (module docstring), in fp32. ``scale`` ``[H, D]`` or per batch row ``[B, H, D]``
-    on the middle keys (None: every key in full, the teacher); ``empty_heads`` ``[H]`` or ``[B, H]``;
-    ``masks``: (``use_full``, ``visible``) bool ``[q, T]``. The prompt K/V may have one row for all."""
+    K/V and their own (module docstring), in fp32. ``scale`` ``[H, D]`` on the middle keys (None:
+    every key in full, the teacher); ``empty_heads`` ``[H]``; ``masks``: (``use_full``, ``visible``) bool
+    ``[q, T]``."""
     B, Hq, q, D = query.shape
-    prompt_k, prompt_v = prompt_k.expand(B, -1, -1, -1), prompt_v.expand(B, -1, -1, -1)
     K, V = torch.cat([prompt_k, k_new], 2), torch.cat([prompt_v, v_new], 2)  # [B, H, T, D]
     H = K.shape[1]
     qf = query.float().view(B, H, Hq // H, q, D)
@@ -99,13 +98,11 @@ def scaled_attention(query, prompt_k, prompt_v, k_new, v_new, scale, sinks, *, s
     use_full, visible = masks
     scores = torch.einsum("bhgqd,bhkd->bhgqk", qf, kf) * scaling
     if scale is not None:
-        scale = scale.float().expand(B, H, D)  # one row of scales per batch row (or one for all)
-        scaled = torch.einsum("bhgqd,bhkd->bhgqk", qf * scale[:, :, None, None, :], kf) * scaling
+        scaled = torch.einsum("bhgqd,bhkd->bhgqk", qf * scale.float()[None, :, None, None, :], kf) * scaling
         scores = torch.where(use_full, scores, scaled)
     scores = capped(scores, softcap)
     if empty_heads is not None:  # binary stage: heads keeping nothing skip middle keys
-        empty_heads = empty_heads.expand(B, H)
-        visible = visible & (use_full | ~empty_heads[:, :, None, None, None])  # [B, H, 1, q, T]
+        visible = visible & (use_full | ~empty_heads[:, None, None, None])  # [H, 1, q, T]
     scores = scores.masked_fill(~visible, float("-inf"))
     if sinks is not None:  # the model's learned sink logits: one more softmax term per query head, no value
         scores = torch.cat([scores, sinks.float().view(1, H, -1, 1, 1).expand(B, H, -1, q, 1)], -1)
