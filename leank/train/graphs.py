@@ -12,12 +12,11 @@ backward pass (:func:`leank.train.distill.region_hidden`; the prompt pass stays 
 * the decode region is padded at its end to a multiple of ``query_bucket`` tokens: later tokens
   are never seen by earlier ones, and the loss reads the real rows only.
 
-Memory: the graphs share one pool (about one shape's activations) and one prompt's K/V.
-
 So a sample's loss and α's gradient are the eager objective's up to rounding (reductions over
 padded lengths), bit for bit when nothing is padded. Each shape is captured on first use (one
-warm-up pass, then the capture; the graphs share one memory pool, which is safe because a
-graph's forward and backward replays are never interleaved with another graph's). On the CPU
+warm-up pass, then the capture). The graphs share one memory pool (about one shape's
+activations) and one prompt K/V store: safe because a sample's backward replay always comes
+before the next sample's forward replay (:class:`_Replay` refuses anything else). On the CPU
 (``capture=False``) the same padded passes run eagerly: that is what the CPU tests check.
 
 Not for models whose prompt pass cannot be padded (sliding-window layers, RoPE that follows
