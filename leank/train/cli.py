@@ -36,7 +36,7 @@ def register(subparsers) -> None:
     _on_off_auto(p, "cuda-graphs",
                  "replay each sample's decode-region passes as CUDA graphs, one per padded shape (the same objective "
                  "up to rounding; one GPU, no torchrun). Default: auto — on for models under 1B parameters, whose "
-                 "steps the host bounds",
+                 "steps the host bounds, except those with sliding-window layers, length-dependent RoPE or experts",
                  "run every pass eagerly")
     _on_off_auto(p, "recompute",
                  "recompute each layer's attention in the backward pass (same result; less memory, more time). "

@@ -56,8 +56,9 @@ class TrainConfig:
     recompute: bool | None = None
     # each sample's decode-region passes at padded shapes as CUDA graphs (leank.train.graphs): small models' steps
     # are bound by the host (SmolLM2 on an H200: 0.23 -> 0.10 s per stage-1 step). None: auto, on for a model of
-    # fewer than GRAPHS_AUTO_PARAMS parameters on one GPU (no torchrun) whose prompt pass can be padded; a large
-    # model's step is bound by arithmetic, and capturing each of its many shapes would cost more than it saves
+    # fewer than GRAPHS_AUTO_PARAMS parameters on one GPU (no torchrun) that graphs.unsupported accepts (no sliding
+    # windows, no length-dependent RoPE, no experts); a large model's step is bound by arithmetic, and capturing
+    # each of its many shapes would cost more than it saves
     cuda_graphs: bool | None = None
     stage1_alpha: str | None = None  # alpha.safetensors of a finished stage 1 (same model): stage 1 skipped
     # "last": each mask from stage 2's α (the paper's recipe); "best": from stage 1's α binarised instead when
@@ -86,7 +87,7 @@ class TrainConfig:
             raise LeanKError(f"reg (λ) must be >= 0, got {self.reg}")
         if not (0 <= self.warmup <= 1 and 0 <= self.decay <= 1 and self.warmup + self.decay <= 1):
             raise LeanKError("warmup and decay are fractions of the steps and must add up to at most 1")
-        if self.cuda_graphs not in (None, True, False):
+        if self.cuda_graphs is not None and not isinstance(self.cuda_graphs, bool):
             raise LeanKError(f"cuda_graphs must be True, False or None (auto), got {self.cuda_graphs!r}")
         if self.cuda_graphs and self.fsdp:
             raise LeanKError("--cuda-graphs runs on one GPU, without --fsdp: drop one of them")
@@ -121,8 +122,8 @@ class TrainConfig:
         "corpus",
         "seed",
         "stage1_alpha",
-        "cuda_graphs",  # graphs and eager passes round differently: a resumed run would not continue bit for bit
-    )
+    )  # not cuda_graphs: a failed capture says to resume with --no-cuda-graphs (then not bit for bit: other rounding)
+
 
     def lr_factor(self, step: int, steps: int) -> float:
         """Warm-up from ``lr_floor`` to 1 over the first ``warmup`` fraction, flat, then

@@ -14,7 +14,7 @@ backward pass (:func:`leank.train.distill.region_hidden`; the prompt pass stays 
 
 So a sample's loss and α's gradient are the eager objective's up to rounding (reductions over
 padded lengths), bit for bit when nothing is padded. Each shape is captured on first use (one
-warm-up pass, then the capture). The graphs share one memory pool (about one shape's
+warm-up pass, then the capture). The graphs share one memory pool (about the largest shape's
 activations) and one prompt K/V store: safe because a sample's backward replay always comes
 before the next sample's forward replay (:class:`_Replay` refuses anything else). On the CPU
 (``capture=False``) the same padded passes run eagerly: that is what the CPU tests check.
@@ -40,8 +40,9 @@ def unsupported(model) -> str | None:
     mixture-of-experts layers (their routing sizes tensors by the data, a host sync inside the capture)."""
     if not _length_independent(model):
         return "it has sliding-window layers or a RoPE that follows the sequence length"
-    config = getattr(model.config, "get_text_config", lambda: model.config)()
-    if any(getattr(config, name, None) for name in ("num_local_experts", "num_experts", "n_routed_experts")):
+    config = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
+    if any(getattr(config, name, None) for name in ("num_local_experts", "num_experts", "n_routed_experts",
+                                                     "moe_num_experts")):
         return "it routes tokens to experts (mixture of experts)"
     return None
 
@@ -90,8 +91,9 @@ class StaticRegion:
             raise
         except RuntimeError as e:  # a capture that fails leaves nothing usable (and may hide running out of memory)
             self.reset()
-            raise LeanKError(f"capturing a training step as a CUDA graph failed ({str(e).splitlines()[0]}): "
-                             "train with --no-cuda-graphs") from None
+            cause = (str(e).splitlines() or [type(e).__name__])[0]
+            raise LeanKError(f"capturing a training step as a CUDA graph failed ({cause}): train with "
+                             "--no-cuda-graphs (add --resume to continue this run)") from e
 
     def inputs(self, sample_ids: torch.Tensor, context_end: int, scale: torch.Tensor,
                empty_heads: torch.Tensor | None) -> tuple[torch.Tensor, ...]:

@@ -9,7 +9,7 @@ import torch
 
 import leank
 from leank.errors import LeanKError
-from leank.train.distill import binary_scale, distill_loss
+from leank.train.distill import binary_scale, distill_loss, prompt_cache
 from leank.train.graphs import StaticRegion
 
 from ..conftest import tiny_model
@@ -129,6 +129,58 @@ def test_cuda_graphs_option_is_checked():
 
     with pytest.raises(LeanKError, match="--cuda-graphs"):
         TrainConfig(cuda_graphs=True, fsdp=True)
+    with pytest.raises(LeanKError, match="cuda_graphs must be True, False or None"):
+        TrainConfig(cuda_graphs=1)
+    # not a resume key: a run told to continue with --no-cuda-graphs (after a failed capture) may
+    assert "cuda_graphs" not in TrainConfig.RESUME_KEYS
+
+
+def test_region_brings_its_own_prompt_teacher_and_split():
+    """``distill_loss(region=...)``: the region makes the prompt K/V and the teacher with its own sink and recent;
+    giving others is refused rather than silently ignored."""
+    model = _setup("llama")
+    gen = torch.Generator().manual_seed(torch.seed() % 2**31)
+    ids, answer = _sample(gen, 50, 37)
+    region = StaticRegion(model, sink=4, recent=8, capture=False)
+    alpha = torch.rand(leank.masks.kv_shape(model.config), generator=gen)
+    for kw in (dict(prompt=prompt_cache(model, ids, 37)), dict(teacher=torch.zeros(1, 13, 64)), dict(recent=9)):
+        args = dict(sink=4, recent=8, region=region) | kw
+        with pytest.raises(ValueError, match="a region makes its own"):
+            distill_loss(model, ids, 37, answer, alpha, **args)
+
+
+@pytest.mark.parametrize("message", ["boom\nsecond line", ""])
+def test_a_failed_capture_is_one_clear_error(message, monkeypatch):
+    """A capture that fails (anything but running out of memory, which the trainer's knobs handle) is one line
+    naming --no-cuda-graphs, the captured shapes are dropped, and the cause stays attached."""
+    import contextlib
+
+    import leank.train.graphs as graphs
+
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: object())
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+
+    def fail(*a, **k):
+        raise RuntimeError(message)
+
+    model = _setup("llama")
+    gen = torch.Generator().manual_seed(torch.seed() % 2**31)
+    ids, _ = _sample(gen, 50, 37)
+    region = StaticRegion(model, sink=4, recent=8, capture=True, prompt_bucket=16, query_bucket=8)
+    region.graphs["old"], old_pool = "a shape", region.pool
+    monkeypatch.setattr(graphs, "_Captured", fail)
+    expect = r"CUDA graph failed \((boom|RuntimeError)\): train with --no-cuda-graphs"
+    with pytest.raises(LeanKError, match=expect) as err:
+        region(ids, 37, torch.rand(leank.masks.kv_shape(model.config), generator=gen), None)
+    assert "\n" not in str(err.value) and isinstance(err.value.__cause__, RuntimeError)
+    assert region.graphs == {} and region.pool is not old_pool
+
+    def oom(*a, **k):
+        raise torch.cuda.OutOfMemoryError("out of memory")
+
+    monkeypatch.setattr(graphs, "_Captured", oom)
+    with pytest.raises(torch.cuda.OutOfMemoryError):  # the trainer turns this into its knobs message
+        region(ids, 37, torch.rand(leank.masks.kv_shape(model.config), generator=gen), None)
 
 
 @pytest.mark.skipif(not CUDA, reason="CUDA graphs need a GPU")
@@ -168,7 +220,7 @@ def test_graphs_replay_the_padded_passes(dtype):
                                   "forced-on-cpu"])
 def test_auto_cuda_graphs(case, monkeypatch):
     """``cuda_graphs`` None (auto): on for a model under 1B parameters on one GPU, whose prompt pass can be
-    padded; off for a larger model, sliding-window layers, the CPU, torchrun; an explicit setting is kept, and
+    padded; off for a larger model, sliding-window layers, experts, the CPU, torchrun; an explicit setting is kept, and
     asking for graphs without a GPU is one clear error."""
     from types import SimpleNamespace
 

@@ -260,7 +260,7 @@ def test_trainer_trains_through_the_static_region(tiny_dir, tmp_path, monkeypatc
 
     class Counting(StaticRegion):
         def __call__(self, *a, **k):
-            calls.append(a[1])
+            calls.append(1)
             return super().__call__(*a, **k)
 
     monkeypatch.setattr(trainer_module.Trainer, "_static_region", lambda self: Counting(
@@ -597,10 +597,12 @@ def test_auto_recompute_follows_the_memory_check(case, monkeypatch):
     trainer = SimpleNamespace(
         cfg=SimpleNamespace(recompute=requested, fsdp=case == "fsdp"),
         device=torch.device("cpu" if case == "cpu" else "cuda"),
-        dist=SimpleNamespace(enabled=False), recompute=None, _longest_sample=longest_sample, region=None,
+        dist=SimpleNamespace(enabled=False), recompute=None, _longest_sample=longest_sample,
+        region=SimpleNamespace(reset=lambda: calls.append("reset")),  # graphs captured without recompute: dropped
     )
     out = trainer_module.Trainer.check_memory(trainer)
-    expected = {"fits": (False, [False]), "tight": (True, [False, True]), "oom": (True, [False, True]),
+    again = [False, "reset", True]  # the second check runs after the region dropped its graphs
+    expected = {"fits": (False, [False]), "tight": (True, again), "oom": (True, again),
                 "forced-on": (True, [True]), "forced-off": (False, [False]), "fsdp": (True, [True]),
                 "cpu": (False, [False])}[case]
     assert (trainer.recompute, calls) == expected
