@@ -124,7 +124,6 @@ class TrainConfig:
         "stage1_alpha",
     )  # not cuda_graphs: a failed capture says to resume with --no-cuda-graphs (then not bit for bit: other rounding)
 
-
     def lr_factor(self, step: int, steps: int) -> float:
         """Warm-up from ``lr_floor`` to 1 over the first ``warmup`` fraction, flat, then
         linear decay back to ``lr_floor`` over the last ``decay`` fraction."""

@@ -132,7 +132,6 @@ class Trainer:
         from .graphs import StaticRegion, unsupported
 
         cfg = self.cfg
-        self._check_graphs_device()
         if cfg.cuda_graphs is None:
             one_gpu = self.device.type == "cuda" and not self.dist.enabled
             params = sum(p.numel() for p in self.model.parameters())
@@ -143,6 +142,7 @@ class Trainer:
         return StaticRegion(self.model, sink=cfg.sink, recent=cfg.recent, capture=True, max_prompt=cfg.max_length)
 
     def _check_graphs_device(self) -> None:
+        """An explicit ``--cuda-graphs`` needs one CUDA GPU and one process (checked before the model loads)."""
         if self.cfg.cuda_graphs and (self.device.type != "cuda" or self.dist.enabled):
             raise LeanKError("--cuda-graphs needs one CUDA GPU and one process (not --device cpu, not torchrun)")
 

@@ -237,10 +237,9 @@ def test_auto_cuda_graphs(case, monkeypatch):
         device=torch.device("cpu" if case in ("cpu", "forced-on-cpu") else "cuda"),
         dist=SimpleNamespace(enabled=case == "torchrun"),
     )
-    trainer._check_graphs_device = lambda: trainer_module.Trainer._check_graphs_device(trainer)
-    if case == "forced-on-cpu":
+    if case == "forced-on-cpu":  # checked before the model loads (tests/test_faults.py runs that path)
         with pytest.raises(LeanKError, match="--cuda-graphs needs one CUDA GPU"):
-            trainer_module.Trainer._static_region(trainer)
+            trainer_module.Trainer._check_graphs_device(trainer)
         return
     region = trainer_module.Trainer._static_region(trainer)
     on = case in ("small", "forced-on")
