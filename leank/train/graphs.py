@@ -102,20 +102,25 @@ class StaticRegion:
         device, total = sample_ids.device, sample_ids.shape[1]
         prompt = prompt_cache(self.model, sample_ids, context_end, bucket=self.prompt_bucket, keep_padding=True)
         kv = [t for layer in prompt.layers for t in (layer.keys, layer.values)]
-        padded = -(-context_end // self.prompt_bucket) * self.prompt_bucket
+        padded = self._prompt_length(context_end)
         if kv[0].shape[2] < padded:  # the pass ran unpadded (the model's context ends first): zero keys, masked
             kv = [torch.nn.functional.pad(t, (0, 0, 0, padded - t.shape[2])) for t in kv]
         q = total - context_end
         region = sample_ids[:, context_end:]
         region = torch.cat([region, region[:, -1:].expand(-1, -q % self.query_bucket)], 1)
         positions = torch.arange(context_end, context_end + region.shape[1], device=device)
-        key_pos = torch.cat([torch.arange(padded, device=device), positions])
-        key_valid = torch.cat([torch.arange(padded, device=device) < context_end,
+        prompt_pos = torch.arange(padded, device=device)
+        key_pos = torch.cat([prompt_pos, positions])
+        key_valid = torch.cat([prompt_pos < context_end,
                                torch.ones(region.shape[1], dtype=torch.bool, device=device)])
         use_full, visible = region_masks(key_pos, key_valid, positions, sink=self.sink, recent=self.recent)
         if empty_heads is None:
             empty_heads = torch.zeros(scale.shape[:2], dtype=torch.bool, device=scale.device)
         return (region, positions, use_full, visible, scale, empty_heads, *kv)
+
+    def _prompt_length(self, tokens: int) -> int:
+        """A prompt of ``tokens`` tokens, padded: the next multiple of ``prompt_bucket``."""
+        return -(-tokens // self.prompt_bucket) * self.prompt_bucket
 
     def _static(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
         """A new shape's own copies of the inputs; its prompt K/V are views of one store shared by every shape
@@ -124,7 +129,7 @@ class StaticRegion:
         kv = inputs[_KV:]
         length = kv[0].shape[2]
         if self.kv_store is None or self.kv_store[0].shape[2] < length:  # graphs captured before keep the old one
-            size = max(length, -(-self.max_prompt // self.prompt_bucket) * self.prompt_bucket)
+            size = max(length, self._prompt_length(self.max_prompt))
             self.kv_store = [x.new_empty(x.shape[:2] + (size,) + x.shape[3:]) for x in kv]
         return (*(x.detach().clone() for x in inputs[:_KV]), *(s[:, :, :length] for s in self.kv_store))
 
