@@ -238,11 +238,15 @@ def kernel_splits(p: td.Plan, c: int, D: int, middle: int, batch: int) -> tuple[
     [(1, [0, 32, 64, 96, 32, 32, 0, 64], 131072), (8, [32, 32, 64, 0, 96, 32, 64, 32], 32768),
      (64, [96, 96, 32, 64, 0, 0, 32, 32], 32768), (1, [16], 100), (3, [0, 0], 7000)],
 )
-def test_plan_covers_every_middle_length_with_balanced_programs(batch, counts, slots):
+@pytest.mark.parametrize("quantised", [False, True])
+def test_plan_covers_every_middle_length_with_balanced_programs(batch, counts, slots, quantised, monkeypatch):
     """One grid (fixed for the cache's life) covers the middle at every length up to the
-    capacity, and at long lengths spreads it over about the planned number of programs."""
+    capacity, and at long lengths spreads it over about the planned number of programs
+    (quantised stores plan more programs per SM)."""
+    monkeypatch.delenv("LEANK_TRITON_CONFIG", raising=False)
     D = 128
-    p = td.plan(batch, tuple(counts), D, slots, 132)
+    p = td.plan(batch, tuple(counts), D, slots, 132, quantised=quantised)
+    assert p.programs == (6 if quantised else 4) * 132
     for middle in sorted({1, 63, 64, 65, 1000, slots // 3, slots - 1, slots}):
         programs = 0
         for c in (c for c in counts if c > 0):

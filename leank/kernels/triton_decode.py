@@ -480,13 +480,18 @@ def _sm_count(device: torch.device) -> int:
     return 4
 
 
-def kernel_config(D: int) -> tuple[int, int, int, float]:
-    """(block, warps, stages, waves); ``LEANK_TRITON_CONFIG="block,warps,stages,waves"`` overrides."""
+def kernel_config(D: int, quantised: bool = False) -> tuple[int, int, int, float]:
+    """(block, warps, stages, waves); ``LEANK_TRITON_CONFIG="block,warps,stages,waves"`` overrides.
+
+    A quantised store's kernel fits 3 programs per SM (registers, shared memory), so its waves are
+    a multiple of 3: 6 waves ran 10-19% faster than 4 for int4s and int8 at 8 x 32K and 1 x 128K on
+    an H200 (``benchmarks/results/decode_kernel_quant_h200/session10/``)."""
     env = os.environ.get("LEANK_TRITON_CONFIG")
     if env:
         block, warps, stages, waves = env.split(",")
         return int(block), int(warps), int(stages), float(waves)
-    return (64, 4, 2, 4.0) if D <= 128 else (32, 4, 2, 4.0)
+    waves = 6.0 if quantised else 4.0
+    return (64, 4, 2, waves) if D <= 128 else (32, 4, 2, waves)
 
 
 @dataclass(frozen=True)
@@ -506,12 +511,12 @@ class Plan:
 
 
 def plan(batch: int, head_counts: tuple[int, ...], D: int, slots: int, sm_count: int,
-         programs: int | None = None) -> Plan:
+         programs: int | None = None, quantised: bool = False) -> Plan:
     """The :class:`Plan` for ``batch`` rows of heads keeping ``head_counts`` channels. The
     kernel spreads the middle tokens of all rows and heads over about ``programs`` programs
     (default: ``waves`` per SM); ``splits`` is what the head keeping most channels needs
     then, independent of the middle length (tests pass a large ``programs`` to force many)."""
-    return _plan(batch, head_counts, D, slots, sm_count, programs, kernel_config(D))
+    return _plan(batch, head_counts, D, slots, sm_count, programs, kernel_config(D, quantised))
 
 
 @functools.lru_cache(maxsize=256)
@@ -556,7 +561,7 @@ def decode_attention_triton(
     G = Hq // H
     DP = triton.next_power_of_2(D)
     query = query if query.stride(-1) == 1 else query.contiguous()
-    p = plan(B, view.head_counts, D, view.slots, _sm_count(query.device), programs)
+    p = plan(B, view.head_counts, D, view.slots, _sm_count(query.device), programs, quantised=bool(view.quant_bits))
     ns = p.splits
     if softcap:  # tanh(dot * scaling / cap) * cap, in base 2
         qk_scale, cap_scale = softcap * LOG2E, scaling / softcap
