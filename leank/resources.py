@@ -16,8 +16,11 @@ from .errors import LeanKError
 # model alias -> method -> {sparsity: file name}; the first entry of each is the default.
 BUNDLED_MASKS: dict[str, dict[str, dict[float, str]]] = {
     "smollm2-135m": {
-        # Learned on one H100 (benchmarks/results/train_smollm2/README.md has the command).
-        "leank": {0.7: "smollm2-135m.leank-0.70.safetensors", 0.8: "smollm2-135m.leank-0.80.safetensors"},
+        # 0.7 / 0.8 learned on one H100 (benchmarks/results/train_smollm2/README.md has the command);
+        # 0.85 / 0.9 on one H200 with the paper's 2000 + 200 steps, λ 0.12, align 8 (85.8% / 91.5%;
+        # benchmarks/results/train_smollm2_lam12/README.md)
+        "leank": {0.7: "smollm2-135m.leank-0.70.safetensors", 0.8: "smollm2-135m.leank-0.80.safetensors",
+                  0.85: "smollm2-135m.leank-0.85.safetensors", 0.9: "smollm2-135m.leank-0.90.safetensors"},
         # The baseline, calibrated from activation magnitudes: `leank calibrate --model smollm2-135m
         # --sparsity 0.7 --align 16 --out leank/masks/smollm2-135m.magnitude-0.70.safetensors`
         "magnitude": {0.7: "smollm2-135m.magnitude-0.70.safetensors"},
