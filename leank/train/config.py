@@ -11,6 +11,16 @@ STAGE2_KEEP = ("best", "last")
 GRAPHS_AUTO_PARAMS = 1_000_000_000
 
 
+def sparsity_label(sparsity: float) -> str:
+    """A target sparsity as stage and mask file names write it (``stage2-0.70``, ``mask-0.70``): two
+    decimals, or as many more as it needs to be told apart (0.855 -> ``0.855``, not ``0.85``)."""
+    for digits in range(2, 7):
+        text = f"{sparsity:.{digits}f}"
+        if abs(float(text) - sparsity) < 1e-12:
+            return text
+    return repr(sparsity)
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Two-stage LeanK distillation (DESIGN.md §1).
@@ -70,6 +80,9 @@ class TrainConfig:
         object.__setattr__(self, "sparsities", tuple(check_sparsity(s) for s in self.sparsities))
         if not self.sparsities:
             raise LeanKError("give at least one target sparsity, e.g. --sparsity 0.7")
+        twice = sorted({sparsity_label(s) for s in self.sparsities if self.sparsities.count(s) > 1})
+        if twice:  # one stage 2, checkpoint and mask file per sparsity: a repeat would overwrite them
+            raise LeanKError(f"sparsity {', '.join(twice)} given twice: give each target sparsity once")
         if not isinstance(self.alignment, int) or self.alignment < 1:
             raise LeanKError(f"alignment must be a positive integer, got {self.alignment!r}")
         check_window(self.sink, self.recent)

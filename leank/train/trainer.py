@@ -28,7 +28,7 @@ from .._io import atomic_write, atomic_write_json, check_writable_dir, write_err
 from ..errors import LeanKError
 from ..masks import binarize, hybrid_layers, kv_shape
 from ..models import check_device
-from .config import GRAPHS_AUTO_PARAMS, TrainConfig
+from .config import GRAPHS_AUTO_PARAMS, TrainConfig, sparsity_label
 from .distill import binary_scale, distill_loss
 from .distributed import Dist, setup, shard_model, sync_grad
 
@@ -81,6 +81,7 @@ class Trainer:
         self.cfg, self.progress = cfg, progress and dist.is_main
         self.out = Path(cfg.out)
         self.ckpt_dir = self.out / "checkpoints"
+        self.earlier_seconds: dict[str, float] = {}  # stage -> seconds its steps took in earlier processes
         check_device(cfg.device)  # before dist.device(), which would pick a GPU that does not exist
         dist.on_main(lambda: self._check_out_dir(resume))
         self.device = dist.device(cfg.device)
@@ -220,7 +221,7 @@ class Trainer:
         ckpt = self.ckpt_dir / f"{stage}.pt"
         alpha = init.clone().to(self.device, torch.float32).requires_grad_(True)
         opt = torch.optim.AdamW([alpha], lr=lr, weight_decay=0.0)
-        start = 0
+        start, began = 0, time.perf_counter()
         # Only rank 0 reads the checkpoint; α and the optimiser state go to the others from it.
         state = torch.load(ckpt, map_location="cpu", weights_only=True) if dist.is_main and ckpt.exists() else None
         state = dist.broadcast_object(state)
@@ -229,6 +230,8 @@ class Trainer:
                 alpha.copy_(state["alpha"])
             opt.load_state_dict(state["optimizer"])
             start = state["step"]
+            # the seconds earlier processes spent on this stage's steps (absent in older checkpoints)
+            self.earlier_seconds[stage] = float(state.get("seconds", 0.0))
         with torch.no_grad():
             dist.broadcast(alpha)
         if start >= steps:
@@ -283,7 +286,8 @@ class Trainer:
                 refresh=False,
             )
             if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == steps:
-                self._save_checkpoint(ckpt, alpha, opt, step + 1)
+                seconds = self.earlier_seconds.get(stage, 0.0) + time.perf_counter() - began
+                self._save_checkpoint(ckpt, alpha, opt, step + 1, seconds)
         return alpha.detach()
 
     def _sample_loss(self, ids, context_end, answer_mask, scale, empty, *, backward_over: int | None = None,
@@ -372,10 +376,10 @@ class Trainer:
             out["peak_gib"] = round(torch.cuda.max_memory_allocated(self.device) / 2**30, 2)
         return out
 
-    def _save_checkpoint(self, path: Path, alpha, opt, step: int) -> None:
+    def _save_checkpoint(self, path: Path, alpha, opt, step: int, seconds: float) -> None:
         if not self.dist.is_main:
             return
-        state = {"alpha": alpha.detach().cpu(), "optimizer": opt.state_dict(), "step": step}
+        state = {"alpha": alpha.detach().cpu(), "optimizer": opt.state_dict(), "step": step, "seconds": seconds}
         atomic_write(path, lambda tmp: torch.save(state, tmp))
 
     # ---- validation ---------------------------------------------------------------
@@ -440,7 +444,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> d
         )
     hist = torch.histc(alpha_cpu, bins=10, min=0, max=1).tolist()
     summary["stages"]["stage1"] = {
-        "seconds": round(time.perf_counter() - t0, 1),
+        "seconds": round(trainer.earlier_seconds.get("stage1", 0.0) + time.perf_counter() - t0, 1),
         **({} if cfg.stage1_alpha is None else {"given": str(cfg.stage1_alpha)}),
         "mean_alpha": alpha_cpu.mean().item(),
         "alpha_histogram_10_bins": hist,
@@ -448,7 +452,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> d
     }
     for index, sparsity in enumerate(cfg.sparsities):
         t1 = time.perf_counter()
-        name = f"stage2-{sparsity:.2f}"
+        name = f"stage2-{sparsity_label(sparsity)}"
         before = trainer.validation_loss(alpha, sparsity)
         final = trainer.run_stage(
             name, alpha, steps=cfg.stage2_steps, lr=cfg.lr2, reg=0.0, sparsity=sparsity, data_seed=cfg.seed + 1 + index
@@ -478,9 +482,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> d
             },
         )
         if dist.is_main:
-            mask.save(trainer.out / f"mask-{sparsity:.2f}.safetensors")
+            mask.save(trainer.out / f"mask-{sparsity_label(sparsity)}.safetensors")
         summary["stages"][name] = {
-            "seconds": round(time.perf_counter() - t1, 1),
+            "seconds": round(trainer.earlier_seconds.get(name, 0.0) + time.perf_counter() - t1, 1),
             "validation_distill_binarised_before": before,
             "validation_distill_after": after,
             "mask_from": source,
@@ -491,7 +495,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> d
             "fully_pruned_heads": mask.fully_pruned_heads,
             "heads_by_kept_count": mask.count_histogram(),
         }
-    summary["seconds_total"] = round(time.perf_counter() - t0, 1)
+    # a resumed run counts the steps earlier processes ran (from the checkpoints), not their model loads
+    summary["seconds_total"] = round(sum(trainer.earlier_seconds.values()) + time.perf_counter() - t0, 1)
+    summary["resumed"] = bool(trainer.earlier_seconds)
     if cuda:
         summary["gpu"] = torch.cuda.get_device_name(trainer.device)
         summary["peak_gib"] = round(torch.cuda.max_memory_allocated(trainer.device) / 2**30, 2)

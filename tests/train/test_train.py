@@ -122,7 +122,16 @@ def test_killed_and_resumed_equals_uninterrupted(tiny_dir, tmp_path, monkeypatch
     monkeypatch.undo()
     with pytest.raises(LeanKError, match="pass --resume"):
         train(config(tiny_dir, tmp_path / "b"), progress=False)
-    train(config(tiny_dir, tmp_path / "b"), resume=True, progress=False)
+    # the killed process's time on stage 1 is in the checkpoint (made large here, so that the resumed
+    # process alone cannot reach it) and counts in the resumed run's summary
+    ckpt = tmp_path / "b" / "checkpoints" / "stage1.pt"
+    state = torch.load(ckpt, weights_only=True)
+    assert state["seconds"] > 0
+    torch.save({**state, "seconds": 1000.0}, ckpt)
+    summary_b = train(config(tiny_dir, tmp_path / "b"), resume=True, progress=False)
+    assert summary_b["resumed"] and 1000 <= summary_b["stages"]["stage1"]["seconds"] < 1000 + 600
+    assert summary_b["seconds_total"] >= 1000
+    assert not json.loads((tmp_path / "a" / "summary.json").read_text())["resumed"]
 
     a = load_file(str(tmp_path / "a" / "alpha.safetensors"))["alpha"]
     b = load_file(str(tmp_path / "b" / "alpha.safetensors"))["alpha"]
@@ -607,3 +616,15 @@ def test_auto_recompute_follows_the_memory_check(case, monkeypatch):
                 "cpu": (False, [False])}[case]
     assert (trainer.recompute, calls) == expected
     assert out["recompute"] is expected[0]
+
+
+def test_sparsity_labels_tell_targets_apart():
+    """Stage and mask file names: two decimals unless more are needed (0.855 once became "0.85",
+    which 0.851 would have overwritten); a sparsity given twice is refused."""
+    from leank.train.config import sparsity_label
+
+    assert [sparsity_label(s) for s in (0.7, 0.75, 0.855, 0.905, 0.1 + 0.2, 0.8125)] == [
+        "0.70", "0.75", "0.855", "0.905", "0.30", "0.8125"]
+    assert sparsity_label(0.851) != sparsity_label(0.854)
+    with pytest.raises(LeanKError, match="0.70 given twice"):
+        TrainConfig(model="m", out="o", sparsities=(0.7, 0.8, 0.7))

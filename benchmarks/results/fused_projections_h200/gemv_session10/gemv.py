@@ -1,3 +1,4 @@
+# ruff: noqa  (frozen: the script as it ran)
 """Scratch: can a Triton GEMV beat cuBLAS's for the small projections of a decode step (issue 12)?
 
 Per shape, 32 distinct weights (no L2 reuse), each variant's 32 products captured in one CUDA graph,
