@@ -11,7 +11,11 @@ The prompt is long enough, and enough tokens are generated, for many tokens to m
 the ring into the middle store. Records whether the tokens are identical, the first
 difference, how many graphs dynamo compiled, and each generate()'s wall time.
 
+``--fuse``: the model's projections fused (:func:`leank.fuse_projections`, as ``leank bench``'s
+``*-fused`` methods run it) for every generate() above: compiled against eager, both fused.
+
     python benchmarks/generate_check.py --length 6000 --new 256 --out benchmarks/results/generate_check.json
+    python benchmarks/generate_check.py --fuse --out benchmarks/results/generate_check_fused.json
 """
 
 from __future__ import annotations
@@ -53,11 +57,15 @@ def main() -> None:
     parser.add_argument("--length", type=int, default=6000)
     parser.add_argument("--new", type=int, default=256)
     parser.add_argument("--out", default="benchmarks/results/generate_check.json")
+    parser.add_argument("--fuse", action="store_true", help="fuse the model's q/k/v and gate/up projections")
     args = parser.parse_args()
     learned = leank.ChannelMask.load(bundled_mask_path("smollm2-135m", 0.7))
-    results = {"prompt_tokens": args.length, "new_tokens": args.new, "mask": "bundled learned 70%"}
+    results = {"prompt_tokens": args.length, "new_tokens": args.new, "mask": "bundled learned 70%",
+               "fused_projections": args.fuse}
     for dtype in (torch.float32, torch.bfloat16):
         model, tok = leank.load_model("smollm2-135m", dtype=dtype, device="cuda")
+        if args.fuse:
+            assert leank.fuse_projections(model) == 2 * model.config.num_hidden_layers
         ids = tok(bundled_prose(), return_tensors="pt", add_special_tokens=False).input_ids[:, : args.length].cuda()
         cfg = model.config
         all_kept = leank.ChannelMask.full(cfg.num_hidden_layers, cfg.num_key_value_heads, learned.head_dim,
