@@ -409,6 +409,33 @@ def test_quantised_kernel_other_layouts(case, quant, dtype):
     check_quantised(case, quant, dtype)
 
 
+class Recorder:
+    """Stands in for a Triton kernel: records each launch's (args, kwargs) instead of running it."""
+
+    def __init__(self, into: list):
+        self.into = into
+
+    def __getitem__(self, grid):
+        return lambda *args, **kw: self.into.append((args, kw))
+
+
+def test_quantised_stores_launch_with_their_waves(monkeypatch):
+    """The launch spreads a quantised store's middle over 6 waves of programs, a plain one over 4
+    (the kernel reads the count from the store it is given, not from a caller's flag)."""
+    monkeypatch.delenv("LEANK_TRITON_CONFIG", raising=False)
+    launches = []
+    monkeypatch.setattr(td, "_leank_decode_kernel", Recorder(launches))
+    monkeypatch.setattr(td, "_merge_kernel", Recorder([]))
+    gen = torch.Generator().manual_seed(0)
+    for quant, waves in ((None, 4), (KVQuant(4), 6), (KVQuant(8, 32, symmetric=True), 6)):
+        hist = History(B=2, H=4, D=64, kept=random_kept(4, 64, [8, 0, 24, 64], gen), sink=2, recent=8, pads=[0, 5],
+                       prompt=120, dtype=torch.float32, gen=gen, backend="torch", quant=quant)
+        hist.step()
+        launches.clear()
+        td.decode_attention_triton(hist._rand(2, 8, 1, 64), hist.layer.view, 64**-0.5)
+        assert launches[0][1]["PROGRAMS"] == waves * td._sm_count(torch.device("cpu")), quant
+
+
 def test_one_compiled_kernel_for_every_layer(monkeypatch):
     """The per-layer plan values (``SUMCD``, ``MAXCD``, ``MIN_BUDGET``, ``PROGRAMS``) are runtime
     arguments that Triton does not specialise (not even on divisibility by 16): layers with other
@@ -422,14 +449,6 @@ def test_one_compiled_kernel_for_every_layer(monkeypatch):
     kernel = td._leank_decode_kernel
     jit = kernel if isinstance(kernel, JITFunction) else JITFunction(kernel.fn, **kernel.kwargs)
     launches = []
-
-    class Recorder:
-        def __init__(self, into: list):
-            self.into = into
-
-        def __getitem__(self, grid):
-            return lambda *args, **kw: self.into.append((args, kw))
-
     monkeypatch.setattr(td, "_leank_decode_kernel", Recorder(launches))
     monkeypatch.setattr(td, "_merge_kernel", Recorder([]))
     gen = torch.Generator().manual_seed(0)

@@ -481,7 +481,8 @@ def _sm_count(device: torch.device) -> int:
 
 
 def kernel_config(D: int, quantised: bool = False) -> tuple[int, int, int, float]:
-    """(block, warps, stages, waves); ``LEANK_TRITON_CONFIG="block,warps,stages,waves"`` overrides.
+    """(block, warps, stages, waves); ``LEANK_TRITON_CONFIG="block,warps,stages,waves"`` overrides (for
+    plain and quantised stores alike: a configuration swept on one is not the other's best).
 
     A quantised store's kernel fits 3 programs per SM (registers, shared memory), so its waves are
     a multiple of 3: 6 waves ran 10-19% faster than 4 for int4s and int8 at 8 x 32K and 1 x 128K on

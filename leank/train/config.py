@@ -13,12 +13,18 @@ GRAPHS_AUTO_PARAMS = 1_000_000_000
 
 def sparsity_label(sparsity: float) -> str:
     """A target sparsity as stage and mask file names write it (``stage2-0.70``, ``mask-0.70``): two
-    decimals, or as many more as it needs to be told apart (0.855 -> ``0.855``, not ``0.85``)."""
-    for digits in range(2, 7):
+    decimals, or as many more as it needs (0.855 -> ``0.855``, not ``0.85``), up to six; a float32 0.7
+    (0.69999998...) is ``0.70``. Targets closer than that share a label: the config refuses them."""
+    for digits in range(2, 6):
         text = f"{sparsity:.{digits}f}"
-        if abs(float(text) - sparsity) < 1e-12:
+        if abs(float(text) - sparsity) < 1e-6:
             return text
-    return repr(sparsity)
+    return f"{sparsity:.6f}"
+
+
+def old_sparsity_label(sparsity: float) -> str:
+    """The label LeanK 0.1 wrote (two decimals: 0.855 -> ``0.85``), to recognise its runs on ``--resume``."""
+    return f"{sparsity:.2f}"
 
 
 @dataclass(frozen=True)
@@ -80,9 +86,11 @@ class TrainConfig:
         object.__setattr__(self, "sparsities", tuple(check_sparsity(s) for s in self.sparsities))
         if not self.sparsities:
             raise LeanKError("give at least one target sparsity, e.g. --sparsity 0.7")
-        twice = sorted({sparsity_label(s) for s in self.sparsities if self.sparsities.count(s) > 1})
+        labels = [sparsity_label(s) for s in self.sparsities]
+        twice = sorted({label for label in labels if labels.count(label) > 1})
         if twice:  # one stage 2, checkpoint and mask file per sparsity: a repeat would overwrite them
-            raise LeanKError(f"sparsity {', '.join(twice)} given twice: give each target sparsity once")
+            raise LeanKError(f"sparsity {', '.join(twice)} given twice (or targets closer than 1e-6): give each "
+                             "target sparsity once")
         if not isinstance(self.alignment, int) or self.alignment < 1:
             raise LeanKError(f"alignment must be a positive integer, got {self.alignment!r}")
         check_window(self.sink, self.recent)

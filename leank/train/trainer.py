@@ -28,7 +28,7 @@ from .._io import atomic_write, atomic_write_json, check_writable_dir, write_err
 from ..errors import LeanKError
 from ..masks import binarize, hybrid_layers, kv_shape
 from ..models import check_device
-from .config import GRAPHS_AUTO_PARAMS, TrainConfig, sparsity_label
+from .config import GRAPHS_AUTO_PARAMS, TrainConfig, old_sparsity_label, sparsity_label
 from .distill import binary_scale, distill_loss
 from .distributed import Dist, setup, shard_model, sync_grad
 
@@ -168,6 +168,16 @@ class Trainer:
                 f"cannot resume {self.out}: it was started with different {', '.join(diff)} "
                 "(use the same settings or another --out)"
             )
+        # Stage 2 of a target like 0.855 was "stage2-0.85" before the labels kept its digits: resuming such a
+        # run would start that stage 2 over beside the old one's files and log lines.
+        ours = {sparsity_label(s) for s in self.cfg.sparsities}
+        for s in self.cfg.sparsities:
+            old_label, label = old_sparsity_label(s), sparsity_label(s)
+            if old_label != label and old_label not in ours and (self.ckpt_dir / f"stage2-{old_label}.pt").exists():
+                raise LeanKError(
+                    f"cannot resume {self.out}: an older LeanK wrote its stage 2 of sparsity {s} as "
+                    f"'stage2-{old_label}' (this one names it 'stage2-{label}'); start it again in another --out"
+                )
         # A killed run can leave atomic_write's temporaries (.NAME.XXXX.tmp) behind: not results, remove them.
         for directory in (self.out, self.ckpt_dir):
             for tmp in directory.glob(".*.tmp"):
@@ -230,8 +240,8 @@ class Trainer:
                 alpha.copy_(state["alpha"])
             opt.load_state_dict(state["optimizer"])
             start = state["step"]
-            # the seconds earlier processes spent on this stage's steps (absent in older checkpoints)
-            self.earlier_seconds[stage] = float(state.get("seconds", 0.0))
+            # the seconds earlier processes spent on this stage's steps (None: an older checkpoint without them)
+            self.earlier_seconds[stage] = state.get("seconds")
         with torch.no_grad():
             dist.broadcast(alpha)
         if start >= steps:
@@ -286,7 +296,7 @@ class Trainer:
                 refresh=False,
             )
             if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == steps:
-                seconds = self.earlier_seconds.get(stage, 0.0) + time.perf_counter() - began
+                seconds = (self.earlier_seconds.get(stage) or 0.0) + time.perf_counter() - began
                 self._save_checkpoint(ckpt, alpha, opt, step + 1, seconds)
         return alpha.detach()
 
@@ -444,7 +454,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> d
         )
     hist = torch.histc(alpha_cpu, bins=10, min=0, max=1).tolist()
     summary["stages"]["stage1"] = {
-        "seconds": round(trainer.earlier_seconds.get("stage1", 0.0) + time.perf_counter() - t0, 1),
+        "seconds": round((trainer.earlier_seconds.get("stage1") or 0.0) + time.perf_counter() - t0, 1),
         **({} if cfg.stage1_alpha is None else {"given": str(cfg.stage1_alpha)}),
         "mean_alpha": alpha_cpu.mean().item(),
         "alpha_histogram_10_bins": hist,
@@ -484,7 +494,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> d
         if dist.is_main:
             mask.save(trainer.out / f"mask-{sparsity_label(sparsity)}.safetensors")
         summary["stages"][name] = {
-            "seconds": round(trainer.earlier_seconds.get(name, 0.0) + time.perf_counter() - t1, 1),
+            "seconds": round((trainer.earlier_seconds.get(name) or 0.0) + time.perf_counter() - t1, 1),
             "validation_distill_binarised_before": before,
             "validation_distill_after": after,
             "mask_from": source,
@@ -495,9 +505,13 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> d
             "fully_pruned_heads": mask.fully_pruned_heads,
             "heads_by_kept_count": mask.count_histogram(),
         }
-    # a resumed run counts the steps earlier processes ran (from the checkpoints), not their model loads
-    summary["seconds_total"] = round(sum(trainer.earlier_seconds.values()) + time.perf_counter() - t0, 1)
+    # A resumed run counts the seconds earlier processes spent on steps up to their last checkpoint (not their
+    # model loads, validation passes or steps after it); "seconds_complete" is false when a checkpoint of an
+    # older LeanK did not record them.
+    earlier = trainer.earlier_seconds.values()
+    summary["seconds_total"] = round(sum(x or 0.0 for x in earlier) + time.perf_counter() - t0, 1)
     summary["resumed"] = bool(trainer.earlier_seconds)
+    summary["seconds_complete"] = None not in earlier
     if cuda:
         summary["gpu"] = torch.cuda.get_device_name(trainer.device)
         summary["peak_gib"] = round(torch.cuda.max_memory_allocated(trainer.device) / 2**30, 2)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -618,6 +619,83 @@ def test_auto_recompute_follows_the_memory_check(case, monkeypatch):
     assert out["recompute"] is expected[0]
 
 
+def _killed_at(monkeypatch, call: int):
+    """Trainer._sample_loss raising KeyboardInterrupt at its ``call``-th call (1-based) from now on."""
+    from leank.train import trainer as trainer_mod
+
+    calls = {"n": 0}
+    original = trainer_mod.Trainer._sample_loss
+
+    def dying(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == call:
+            raise KeyboardInterrupt
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(trainer_mod.Trainer, "_sample_loss", dying)
+    monkeypatch.setattr(trainer_mod.Trainer, "check_memory", lambda self: {})  # count training samples only
+
+
+def _set_seconds(path, seconds):
+    state = torch.load(path, weights_only=True)
+    if seconds is None:
+        state.pop("seconds")
+    else:
+        state["seconds"] = seconds
+    torch.save(state, path)
+
+
+def test_resumed_twice_counts_every_process_seconds(tiny_dir, tmp_path, monkeypatch):
+    """Killed in stage 1, then in stage 2, then finished: each stage's seconds include what the killed
+    processes spent on it (kept in the checkpoints, carried from one resume to the next); a checkpoint of an
+    older LeanK without seconds makes the total incomplete, and says so."""
+    out = tmp_path / "run"
+    with monkeypatch.context() as m:
+        _killed_at(m, 4)  # stage-1 step 3 (checkpoint at step 2)
+        with pytest.raises(KeyboardInterrupt):
+            train(config(tiny_dir, out), progress=False)
+    _set_seconds(out / "checkpoints" / "stage1.pt", 1000.0)
+    with monkeypatch.context() as m:
+        # steps 2..5 (4 calls), 2 validation passes after stage 1 and 2 before stage 2, stage-2 steps 0 and 1
+        # (checkpoint at step 2), then killed
+        _killed_at(m, 11)
+        with pytest.raises(KeyboardInterrupt):
+            train(config(tiny_dir, out), resume=True, progress=False)
+    assert torch.load(out / "checkpoints" / "stage1.pt", weights_only=True)["seconds"] >= 1000  # carried forward
+    _set_seconds(out / "checkpoints" / "stage2-0.75.pt", 500.0)
+    summary = train(config(tiny_dir, out), resume=True, progress=False)
+    assert summary["resumed"] and summary["seconds_complete"]
+    assert 1000 <= summary["stages"]["stage1"]["seconds"] < 1600
+    assert 500 <= summary["stages"]["stage2-0.75"]["seconds"] < 1100
+    assert summary["seconds_total"] >= 1500
+
+    old = tmp_path / "old"
+    with monkeypatch.context() as m:
+        _killed_at(m, 4)
+        with pytest.raises(KeyboardInterrupt):
+            train(config(tiny_dir, old), progress=False)
+    _set_seconds(old / "checkpoints" / "stage1.pt", None)  # as an older LeanK wrote it
+    summary = train(config(tiny_dir, old), resume=True, progress=False)
+    assert summary["resumed"] and not summary["seconds_complete"]
+
+
+def test_resume_of_a_run_with_old_stage_names_is_refused(tiny_dir, tmp_path, monkeypatch):
+    """A run an older LeanK started with target 0.755 named its stage 2 'stage2-0.76' (two decimals);
+    resuming it would start stage 2 over beside the old files, so it is refused in one line."""
+    out = tmp_path / "run"
+    cfg = config(tiny_dir, out, sparsities=(0.755,))
+    with monkeypatch.context() as m:
+        _killed_at(m, 13)  # stage-2 step 2 (6 stage-1 steps, 4 validation passes; checkpoint at step 2)
+        with pytest.raises(KeyboardInterrupt):
+            train(cfg, progress=False)
+    ckpt = out / "checkpoints"
+    (ckpt / "stage2-0.755.pt").rename(ckpt / "stage2-0.76.pt")  # as the older trainer named it
+    with pytest.raises(LeanKError, match="stage2-0.76.*another --out"):
+        train(cfg, resume=True, progress=False)
+    # a target whose label the old one equals is not mistaken for such a run
+    TrainConfig(model="m", out="o", sparsities=(0.76, 0.755))
+
+
 def test_sparsity_labels_tell_targets_apart():
     """Stage and mask file names: two decimals unless more are needed (0.855 once became "0.85",
     which 0.851 would have overwritten); a sparsity given twice is refused."""
@@ -626,5 +704,8 @@ def test_sparsity_labels_tell_targets_apart():
     assert [sparsity_label(s) for s in (0.7, 0.75, 0.855, 0.905, 0.1 + 0.2, 0.8125)] == [
         "0.70", "0.75", "0.855", "0.905", "0.30", "0.8125"]
     assert sparsity_label(0.851) != sparsity_label(0.854)
-    with pytest.raises(LeanKError, match="0.70 given twice"):
-        TrainConfig(model="m", out="o", sparsities=(0.7, 0.8, 0.7))
+    assert sparsity_label(float(np.float32(0.7))) == "0.70" and sparsity_label(float(np.float32(0.855))) == "0.855"
+    assert TrainConfig(model="m", out="o", sparsities=(np.float32(0.85),)).sparsities == (float(np.float32(0.85)),)
+    for twice in ((0.7, 0.8, 0.7), (0.7, 0.7 + 5e-13), (0.7, np.float32(0.7))):  # equal, or one label
+        with pytest.raises(LeanKError, match="0.70 given twice"):
+            TrainConfig(model="m", out="o", sparsities=twice)
