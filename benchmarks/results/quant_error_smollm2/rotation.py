@@ -155,61 +155,68 @@ def rel(a, b):
     return ((a - b).norm() / b.norm()).item()
 
 
-names = ["LeanK vs dense", "K int4s, V -",
-         *[f"K {r}+int4s, V -" for r in ROTS],
-         "K int4s, V int4s (shipped)",
-         *[f"K {r}+int4s, V int4s" for r in ROTS]]
-totals = {name: [] for name in names}
-worst_score_dev = 0.0
-for task in TASKS:
-    for sample in generate_task(task, tok, LENGTH, SAMPLES, seed=0):
-        ids = torch.tensor([encode_prompt(tok, sample.prompt)])
-        captured.clear()
-        with torch.no_grad():
-            model.model(input_ids=ids)
-        with torch.no_grad():
-            for layer, (q, k, v, scaling) in captured.items():
-                T, H, G = k.shape[2], k.shape[1], q.shape[1] // k.shape[1]
-                lean = attend(q, k, v, scaling, layer)
-                totals["LeanK vs dense"].append(rel(lean, attend(q, k, v, scaling, layer, dense=True)))
-                mid = slice(SINK, T - RECENT - 1)
-                k_mid, v_mid = k[0, :, mid], v[0, :, mid]  # [H, M, D]
-                vm = per_token(v_mid)
+def main():
+    global worst_score_dev
+    names = ["LeanK vs dense", "K int4s, V -",
+             *[f"K {r}+int4s, V -" for r in ROTS],
+             "K int4s, V int4s (shipped)",
+             *[f"K {r}+int4s, V int4s" for r in ROTS]]
+    totals = {name: [] for name in names}
+    worst_score_dev = 0.0
+    for task in TASKS:
+        for sample in generate_task(task, tok, LENGTH, SAMPLES, seed=0):
+            ids = torch.tensor([encode_prompt(tok, sample.prompt)])
+            captured.clear()
+            with torch.no_grad():
+                model.model(input_ids=ids)
+            with torch.no_grad():
+                for layer, (q, k, v, scaling) in captured.items():
+                    T, H, G = k.shape[2], k.shape[1], q.shape[1] // k.shape[1]
+                    lean = attend(q, k, v, scaling, layer)
+                    totals["LeanK vs dense"].append(rel(lean, attend(q, k, v, scaling, layer, dense=True)))
+                    mid = slice(SINK, T - RECENT - 1)
+                    k_mid, v_mid = k[0, :, mid], v[0, :, mid]  # [H, M, D]
+                    vm = per_token(v_mid)
 
-                km = k_mid.clone()  # baseline: the shipped int4s on each head's kept channels
-                for h in range(H):
-                    cols = kept[layer, h].nonzero().flatten()
-                    if len(cols):
-                        km[h][:, cols] = per_token(k_mid[h][:, cols])
-                totals["K int4s, V -"].append(rel(attend(q, k, v, scaling, layer, km), lean))
-                totals["K int4s, V int4s (shipped)"].append(rel(attend(q, k, v, scaling, layer, km, vm), lean))
-
-                for kind in ROTS:
-                    km_rot = {}
+                    km = k_mid.clone()  # baseline: the shipped int4s on each head's kept channels
                     for h in range(H):
                         cols = kept[layer, h].nonzero().flatten()
-                        if not len(cols):
-                            continue
-                        Rh = R[kind][(layer, h)]
-                        # unquantised scores unchanged by the rotation (all positions, every query head)
-                        qk, kk = q[0, h * G:(h + 1) * G][..., cols], k[0, h][:, cols]
-                        plain, rotated = qk @ kk.T, (qk @ Rh) @ (kk @ Rh).T
-                        dev = ((rotated - plain).abs().max() / plain.abs().max()).item()
-                        worst_score_dev = max(worst_score_dev, dev)
-                        assert dev < 1e-5, (kind, layer, h, dev)
-                        km_rot[h] = per_token(k_mid[h][:, cols] @ Rh)
-                    rot = R[kind]
-                    totals[f"K {kind}+int4s, V -"].append(rel(attend(q, k, v, scaling, layer, km_rot, rot=rot), lean))
-                    totals[f"K {kind}+int4s, V int4s"].append(
-                        rel(attend(q, k, v, scaling, layer, km_rot, vm, rot=rot), lean))
-        print(f"{task} {sample.index} ({time.time() - start:.0f} s)",
-              {n: round(sum(x) / len(x), 4) for n, x in totals.items()}, flush=True)
+                        if len(cols):
+                            km[h][:, cols] = per_token(k_mid[h][:, cols])
+                    totals["K int4s, V -"].append(rel(attend(q, k, v, scaling, layer, km), lean))
+                    totals["K int4s, V int4s (shipped)"].append(rel(attend(q, k, v, scaling, layer, km, vm), lean))
 
-print(f"unquantised scores, rotated vs plain: max |diff| / max |score| = {worst_score_dev:.2e} (asserted < 1e-5)")
-print("mean relative error of the attention outputs (over layers, prompts, tasks):")
-for name, values in totals.items():
-    print(f"  {name:28s} {sum(values) / len(values):.4f}  (n = {len(values)})")
-best = min(ROTS, key=lambda r: sum(totals[f"K {r}+int4s, V -"]))
-both = sum(totals[f"K {best}+int4s, V int4s"]) / len(totals["K int4s, V -"])
-print(f"best rotation on K alone: {best}; with V int4s: {both:.4f}")
-print(f"runtime {time.time() - start:.0f} s")
+                    for kind in ROTS:
+                        km_rot = {}
+                        for h in range(H):
+                            cols = kept[layer, h].nonzero().flatten()
+                            if not len(cols):
+                                continue
+                            Rh = R[kind][(layer, h)]
+                            # unquantised scores unchanged by the rotation (all positions, every query head)
+                            qk, kk = q[0, h * G:(h + 1) * G][..., cols], k[0, h][:, cols]
+                            plain, rotated = qk @ kk.T, (qk @ Rh) @ (kk @ Rh).T
+                            dev = ((rotated - plain).abs().max() / plain.abs().max()).item()
+                            worst_score_dev = max(worst_score_dev, dev)
+                            assert dev < 1e-5, (kind, layer, h, dev)
+                            km_rot[h] = per_token(k_mid[h][:, cols] @ Rh)
+                        rot = R[kind]
+                        totals[f"K {kind}+int4s, V -"].append(
+                            rel(attend(q, k, v, scaling, layer, km_rot, rot=rot), lean))
+                        totals[f"K {kind}+int4s, V int4s"].append(
+                            rel(attend(q, k, v, scaling, layer, km_rot, vm, rot=rot), lean))
+            print(f"{task} {sample.index} ({time.time() - start:.0f} s)",
+                  {n: round(sum(x) / len(x), 4) for n, x in totals.items()}, flush=True)
+
+    print(f"unquantised scores, rotated vs plain: max |diff| / max |score| = {worst_score_dev:.2e} (asserted < 1e-5)")
+    print("mean relative error of the attention outputs (over layers, prompts, tasks):")
+    for name, values in totals.items():
+        print(f"  {name:28s} {sum(values) / len(values):.4f}  (n = {len(values)})")
+    best = min(ROTS, key=lambda r: sum(totals[f"K {r}+int4s, V -"]))
+    both = sum(totals[f"K {best}+int4s, V int4s"]) / len(totals["K int4s, V -"])
+    print(f"best rotation on K alone: {best}; with V int4s: {both:.4f}")
+    print(f"runtime {time.time() - start:.0f} s")
+
+
+if __name__ == "__main__":  # (row_groups.py imports the setup above without running this)
+    main()
