@@ -23,7 +23,8 @@ def sparsity_label(sparsity: float) -> str:
 
 
 def old_sparsity_label(sparsity: float) -> str:
-    """The label LeanK 0.1 wrote (two decimals: 0.855 -> ``0.85``), to recognise its runs on ``--resume``."""
+    """The label the trainer wrote before 2026-11-30 (two decimals: 0.855 -> ``0.85``), to recognise its runs
+    on ``--resume``."""
     return f"{sparsity:.2f}"
 
 

@@ -81,7 +81,7 @@ class Trainer:
         self.cfg, self.progress = cfg, progress and dist.is_main
         self.out = Path(cfg.out)
         self.ckpt_dir = self.out / "checkpoints"
-        self.earlier_seconds: dict[str, float] = {}  # stage -> seconds its steps took in earlier processes
+        self.earlier_seconds: dict[str, float | None] = {}  # stage -> seconds its steps took in earlier processes
         check_device(cfg.device)  # before dist.device(), which would pick a GPU that does not exist
         dist.on_main(lambda: self._check_out_dir(resume))
         self.device = dist.device(cfg.device)
@@ -296,7 +296,7 @@ class Trainer:
                 refresh=False,
             )
             if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == steps:
-                seconds = (self.earlier_seconds.get(stage) or 0.0) + time.perf_counter() - began
+                seconds = self.earlier(stage) + time.perf_counter() - began
                 self._save_checkpoint(ckpt, alpha, opt, step + 1, seconds)
         return alpha.detach()
 
@@ -386,6 +386,10 @@ class Trainer:
             out["peak_gib"] = round(torch.cuda.max_memory_allocated(self.device) / 2**30, 2)
         return out
 
+    def earlier(self, stage: str) -> float:
+        """Seconds earlier processes of a resumed run spent on ``stage``'s steps (0 when unknown)."""
+        return self.earlier_seconds.get(stage) or 0.0
+
     def _save_checkpoint(self, path: Path, alpha, opt, step: int, seconds: float) -> None:
         if not self.dist.is_main:
             return
@@ -454,7 +458,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> d
         )
     hist = torch.histc(alpha_cpu, bins=10, min=0, max=1).tolist()
     summary["stages"]["stage1"] = {
-        "seconds": round((trainer.earlier_seconds.get("stage1") or 0.0) + time.perf_counter() - t0, 1),
+        "seconds": round(trainer.earlier("stage1") + time.perf_counter() - t0, 1),
         **({} if cfg.stage1_alpha is None else {"given": str(cfg.stage1_alpha)}),
         "mean_alpha": alpha_cpu.mean().item(),
         "alpha_histogram_10_bins": hist,
@@ -462,7 +466,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> d
     }
     for index, sparsity in enumerate(cfg.sparsities):
         t1 = time.perf_counter()
-        name = f"stage2-{sparsity_label(sparsity)}"
+        label = sparsity_label(sparsity)
+        name = f"stage2-{label}"
         before = trainer.validation_loss(alpha, sparsity)
         final = trainer.run_stage(
             name, alpha, steps=cfg.stage2_steps, lr=cfg.lr2, reg=0.0, sparsity=sparsity, data_seed=cfg.seed + 1 + index
@@ -492,9 +497,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> d
             },
         )
         if dist.is_main:
-            mask.save(trainer.out / f"mask-{sparsity_label(sparsity)}.safetensors")
+            mask.save(trainer.out / f"mask-{label}.safetensors")
         summary["stages"][name] = {
-            "seconds": round((trainer.earlier_seconds.get(name) or 0.0) + time.perf_counter() - t1, 1),
+            "seconds": round(trainer.earlier(name) + time.perf_counter() - t1, 1),
             "validation_distill_binarised_before": before,
             "validation_distill_after": after,
             "mask_from": source,
@@ -508,10 +513,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> d
     # A resumed run counts the seconds earlier processes spent on steps up to their last checkpoint (not their
     # model loads, validation passes or steps after it); "seconds_complete" is false when a checkpoint of an
     # older LeanK did not record them.
-    earlier = trainer.earlier_seconds.values()
-    summary["seconds_total"] = round(sum(x or 0.0 for x in earlier) + time.perf_counter() - t0, 1)
+    summary["seconds_total"] = round(sum(map(trainer.earlier, trainer.earlier_seconds)) + time.perf_counter() - t0, 1)
     summary["resumed"] = bool(trainer.earlier_seconds)
-    summary["seconds_complete"] = None not in earlier
+    summary["seconds_complete"] = None not in trainer.earlier_seconds.values()
     if cuda:
         summary["gpu"] = torch.cuda.get_device_name(trainer.device)
         summary["peak_gib"] = round(torch.cuda.max_memory_allocated(trainer.device) / 2**30, 2)
