@@ -52,7 +52,7 @@ def check_sparsity(sparsity) -> float:
         value = float(sparsity)
     if value is None or not 0.0 <= value < 1.0:  # NaN fails the comparison
         raise LeanKError(f"sparsity must be in [0, 1), got {sparsity!r}: pass e.g. 0.7 to prune 70% of channels")
-    return value
+    return value + 0.0  # -0.0 is 0.0
 
 
 def check_alignment(alignment: int, head_dim: int) -> int:

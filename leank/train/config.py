@@ -14,10 +14,10 @@ GRAPHS_AUTO_PARAMS = 1_000_000_000
 def sparsity_label(sparsity: float) -> str:
     """A target sparsity as stage and mask file names write it (``stage2-0.70``, ``mask-0.70``): two
     decimals, or as many more as it needs (0.855 -> ``0.855``, not ``0.85``), up to six; a float32 0.7
-    (0.69999998...) is ``0.70``. Targets closer than that share a label: the config refuses them."""
+    (0.69999998...) is ``0.70``. Targets that round to one label are refused by the config."""
     for digits in range(2, 6):
         text = f"{sparsity:.{digits}f}"
-        if abs(float(text) - sparsity) < 1e-6:
+        if abs(float(text) - sparsity) < 5e-8:  # float32's rounding of a short decimal stays under this
             return text
     return f"{sparsity:.6f}"
 
@@ -90,7 +90,7 @@ class TrainConfig:
         labels = [sparsity_label(s) for s in self.sparsities]
         twice = sorted({label for label in labels if labels.count(label) > 1})
         if twice:  # one stage 2, checkpoint and mask file per sparsity: a repeat would overwrite them
-            raise LeanKError(f"sparsity {', '.join(twice)} given twice (or targets closer than 1e-6): give each "
+            raise LeanKError(f"sparsity {', '.join(twice)} given twice (or targets that round to it): give each "
                              "target sparsity once")
         if not isinstance(self.alignment, int) or self.alignment < 1:
             raise LeanKError(f"alignment must be a positive integer, got {self.alignment!r}")

@@ -81,7 +81,8 @@ class Trainer:
         self.cfg, self.progress = cfg, progress and dist.is_main
         self.out = Path(cfg.out)
         self.ckpt_dir = self.out / "checkpoints"
-        self.earlier_seconds: dict[str, float | None] = {}  # stage -> seconds its steps took in earlier processes
+        self.earlier_seconds: dict[str, float] = {}  # stage -> seconds its steps took in earlier processes
+        self.incomplete_seconds: set[str] = set()  # stages whose earlier seconds are not all known
         check_device(cfg.device)  # before dist.device(), which would pick a GPU that does not exist
         dist.on_main(lambda: self._check_out_dir(resume))
         self.device = dist.device(cfg.device)
@@ -168,12 +169,12 @@ class Trainer:
                 f"cannot resume {self.out}: it was started with different {', '.join(diff)} "
                 "(use the same settings or another --out)"
             )
-        # Stage 2 of a target like 0.855 was "stage2-0.85" before the labels kept its digits: resuming such a
-        # run would start that stage 2 over beside the old one's files and log lines.
-        ours = {sparsity_label(s) for s in self.cfg.sparsities}
-        for s in self.cfg.sparsities:
+        # An older trainer named stage 2 of a target like 0.855 "stage2-0.85" (two decimals): resuming its run would
+        # start that stage 2 over, or continue another target's from it. Its checkpoints do not record their target.
+        for s in old.get("sparsities") or ():
             old_label, label = old_sparsity_label(s), sparsity_label(s)
-            if old_label != label and old_label not in ours and (self.ckpt_dir / f"stage2-{old_label}.pt").exists():
+            path = self.ckpt_dir / f"stage2-{old_label}.pt"
+            if old_label != label and path.exists() and "sparsity" not in torch.load(path, weights_only=True):
                 raise LeanKError(
                     f"cannot resume {self.out}: an older LeanK wrote its stage 2 of sparsity {s} as "
                     f"'stage2-{old_label}' (this one names it 'stage2-{label}'); start it again in another --out"
@@ -240,8 +241,13 @@ class Trainer:
                 alpha.copy_(state["alpha"])
             opt.load_state_dict(state["optimizer"])
             start = state["step"]
-            # the seconds earlier processes spent on this stage's steps (None: an older checkpoint without them)
-            self.earlier_seconds[stage] = state.get("seconds")
+            if state.get("sparsity", sparsity) != sparsity:  # (never, with labels that tell targets apart)
+                raise LeanKError(f"{ckpt} holds stage 2 of sparsity {state['sparsity']}, not {sparsity}")
+            # the seconds earlier processes spent on this stage's steps; incomplete when a checkpoint of an older
+            # LeanK (without them) was resumed on the way
+            self.earlier_seconds[stage] = state.get("seconds") or 0.0
+            if "seconds" not in state or not state.get("seconds_complete", True):
+                self.incomplete_seconds.add(stage)
         with torch.no_grad():
             dist.broadcast(alpha)
         if start >= steps:
@@ -296,8 +302,8 @@ class Trainer:
                 refresh=False,
             )
             if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == steps:
-                seconds = self.earlier(stage) + time.perf_counter() - began
-                self._save_checkpoint(ckpt, alpha, opt, step + 1, seconds)
+                seconds = self.earlier_seconds.get(stage, 0.0) + time.perf_counter() - began
+                self._save_checkpoint(ckpt, alpha, opt, step + 1, sparsity, seconds)
         return alpha.detach()
 
     def _sample_loss(self, ids, context_end, answer_mask, scale, empty, *, backward_over: int | None = None,
@@ -386,14 +392,11 @@ class Trainer:
             out["peak_gib"] = round(torch.cuda.max_memory_allocated(self.device) / 2**30, 2)
         return out
 
-    def earlier(self, stage: str) -> float:
-        """Seconds earlier processes of a resumed run spent on ``stage``'s steps (0 when unknown)."""
-        return self.earlier_seconds.get(stage) or 0.0
-
-    def _save_checkpoint(self, path: Path, alpha, opt, step: int, seconds: float) -> None:
+    def _save_checkpoint(self, path: Path, alpha, opt, step: int, sparsity: float | None, seconds: float) -> None:
         if not self.dist.is_main:
             return
-        state = {"alpha": alpha.detach().cpu(), "optimizer": opt.state_dict(), "step": step, "seconds": seconds}
+        state = {"alpha": alpha.detach().cpu(), "optimizer": opt.state_dict(), "step": step, "sparsity": sparsity,
+                 "seconds": seconds, "seconds_complete": path.stem not in self.incomplete_seconds}
         atomic_write(path, lambda tmp: torch.save(state, tmp))
 
     # ---- validation ---------------------------------------------------------------
@@ -458,7 +461,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> d
         )
     hist = torch.histc(alpha_cpu, bins=10, min=0, max=1).tolist()
     summary["stages"]["stage1"] = {
-        "seconds": round(trainer.earlier("stage1") + time.perf_counter() - t0, 1),
+        "seconds": round(trainer.earlier_seconds.get("stage1", 0.0) + time.perf_counter() - t0, 1),
         **({} if cfg.stage1_alpha is None else {"given": str(cfg.stage1_alpha)}),
         "mean_alpha": alpha_cpu.mean().item(),
         "alpha_histogram_10_bins": hist,
@@ -499,7 +502,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> d
         if dist.is_main:
             mask.save(trainer.out / f"mask-{label}.safetensors")
         summary["stages"][name] = {
-            "seconds": round(trainer.earlier(name) + time.perf_counter() - t1, 1),
+            "seconds": round(trainer.earlier_seconds.get(name, 0.0) + time.perf_counter() - t1, 1),
             "validation_distill_binarised_before": before,
             "validation_distill_after": after,
             "mask_from": source,
@@ -513,9 +516,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> d
     # A resumed run counts the seconds earlier processes spent on steps up to their last checkpoint (not their
     # model loads, validation passes or steps after it); "seconds_complete" is false when a checkpoint of an
     # older LeanK did not record them.
-    summary["seconds_total"] = round(sum(map(trainer.earlier, trainer.earlier_seconds)) + time.perf_counter() - t0, 1)
+    summary["seconds_total"] = round(sum(trainer.earlier_seconds.values()) + time.perf_counter() - t0, 1)
     summary["resumed"] = bool(trainer.earlier_seconds)
-    summary["seconds_complete"] = None not in trainer.earlier_seconds.values()
+    summary["seconds_complete"] = not trainer.incomplete_seconds
     if cuda:
         summary["gpu"] = torch.cuda.get_device_name(trainer.device)
         summary["peak_gib"] = round(torch.cuda.max_memory_allocated(trainer.device) / 2**30, 2)

@@ -675,25 +675,41 @@ def test_resumed_twice_counts_every_process_seconds(tiny_dir, tmp_path, monkeypa
         with pytest.raises(KeyboardInterrupt):
             train(config(tiny_dir, old), progress=False)
     _set_seconds(old / "checkpoints" / "stage1.pt", None)  # as an older LeanK wrote it
-    summary = train(config(tiny_dir, old), resume=True, progress=False)
+    with monkeypatch.context() as m:  # resumed, killed again after a checkpoint of its own ...
+        _killed_at(m, 11)
+        with pytest.raises(KeyboardInterrupt):
+            train(config(tiny_dir, old), resume=True, progress=False)
+    assert not torch.load(old / "checkpoints" / "stage1.pt", weights_only=True)["seconds_complete"]
+    summary = train(config(tiny_dir, old), resume=True, progress=False)  # ... still says the time is incomplete
     assert summary["resumed"] and not summary["seconds_complete"]
 
 
 def test_resume_of_a_run_with_old_stage_names_is_refused(tiny_dir, tmp_path, monkeypatch):
-    """A run an older LeanK started with target 0.755 named its stage 2 'stage2-0.76' (two decimals);
-    resuming it would start stage 2 over beside the old files, so it is refused in one line."""
-    out = tmp_path / "run"
-    cfg = config(tiny_dir, out, sparsities=(0.755,))
-    with monkeypatch.context() as m:
-        _killed_at(m, 13)  # stage-2 step 2 (6 stage-1 steps, 4 validation passes; checkpoint at step 2)
-        with pytest.raises(KeyboardInterrupt):
-            train(cfg, progress=False)
-    ckpt = out / "checkpoints"
-    (ckpt / "stage2-0.755.pt").rename(ckpt / "stage2-0.76.pt")  # as the older trainer named it
-    with pytest.raises(LeanKError, match="stage2-0.76.*another --out"):
-        train(cfg, resume=True, progress=False)
-    # a target whose label the old one equals is not mistaken for such a run
-    TrainConfig(model="m", out="o", sparsities=(0.76, 0.755))
+    """A run an older LeanK started with target 0.755 named its stage 2 'stage2-0.76' (two decimals, and no
+    target in the checkpoint); resuming it — with its targets, or with 0.76 added (sparsities are not a resume
+    key) — would start stage 2 over or continue 0.76's from 0.755's, so it is refused in one line. A run of
+    this version with targets 0.76 and 0.755, resumed with either, is not mistaken for one."""
+    def killed_in_stage2(cfg, call):
+        with monkeypatch.context() as m:
+            _killed_at(m, call)
+            with pytest.raises(KeyboardInterrupt):
+                train(cfg, progress=False)
+
+    old = config(tiny_dir, tmp_path / "old", sparsities=(0.755,))
+    killed_in_stage2(old, 13)  # stage-2 step 2 (6 stage-1 steps, 4 validation passes; checkpoint at step 2)
+    ckpt = tmp_path / "old" / "checkpoints"
+    state = torch.load(ckpt / "stage2-0.755.pt", weights_only=True)
+    torch.save({k: state[k] for k in ("alpha", "optimizer", "step")}, ckpt / "stage2-0.76.pt")  # the older format
+    (ckpt / "stage2-0.755.pt").unlink()
+    for sparsities in ((0.755,), (0.755, 0.76)):
+        with pytest.raises(LeanKError, match="stage2-0.76.*another --out"):
+            train(config(tiny_dir, tmp_path / "old", sparsities=sparsities), resume=True, progress=False)
+
+    new = config(tiny_dir, tmp_path / "new", sparsities=(0.76, 0.755))
+    killed_in_stage2(new, 21)  # stage 2 of 0.76 done (4 steps, 2 + 2 validation passes), 0.755's step 0
+    summary = train(config(tiny_dir, tmp_path / "new", sparsities=(0.755,)), resume=True, progress=False)
+    assert list(summary["stages"]) == ["stage1", "stage2-0.755"]
+    assert all((tmp_path / "new" / f"mask-{label}.safetensors").exists() for label in ("0.76", "0.755"))
 
 
 def test_sparsity_labels_tell_targets_apart():
@@ -704,6 +720,10 @@ def test_sparsity_labels_tell_targets_apart():
     assert [sparsity_label(s) for s in (0.7, 0.75, 0.855, 0.905, 0.1 + 0.2, 0.8125)] == [
         "0.70", "0.75", "0.855", "0.905", "0.30", "0.8125"]
     assert sparsity_label(0.851) != sparsity_label(0.854)
+    assert sparsity_label(0.12345678) == "0.123457" and sparsity_label(0.7 + 1e-7) == "0.700000"
+    assert TrainConfig(model="m", out="o", sparsities=(-0.0,)).sparsities == (0.0,)  # no "-0.00" file names
+    with pytest.raises(LeanKError, match="0.00 given twice"):
+        TrainConfig(model="m", out="o", sparsities=(0.0, -0.0))
     assert sparsity_label(float(np.float32(0.7))) == "0.70" and sparsity_label(float(np.float32(0.855))) == "0.855"
     assert TrainConfig(model="m", out="o", sparsities=(np.float32(0.85),)).sparsities == (float(np.float32(0.85)),)
     for twice in ((0.7, 0.8, 0.7), (0.7, 0.7 + 5e-13), (0.7, np.float32(0.7))):  # equal, or one label
