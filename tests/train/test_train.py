@@ -684,6 +684,28 @@ def test_resumed_twice_counts_every_process_seconds(tiny_dir, tmp_path, monkeypa
     assert summary["resumed"] and not summary["seconds_complete"]
 
 
+def test_checkpoint_seconds_count_the_whole_stage(tiny_dir, tmp_path, monkeypatch):
+    """Each checkpoint's seconds are the stage's time so far (not since the previous checkpoint): with a
+    clock that ticks once per reading, a stage's checkpoints record growing times."""
+    import types
+
+    from leank.train import trainer as trainer_mod
+
+    ticks = iter(range(10**6))
+    monkeypatch.setattr(trainer_mod, "time", types.SimpleNamespace(perf_counter=lambda: float(next(ticks))))
+    saved = []
+    original = trainer_mod.Trainer._save_checkpoint
+
+    def spy(self, path, alpha, opt, step, sparsity, seconds):
+        saved.append((path.stem, step, seconds))
+        return original(self, path, alpha, opt, step, sparsity, seconds)
+
+    monkeypatch.setattr(trainer_mod.Trainer, "_save_checkpoint", spy)
+    train(config(tiny_dir, tmp_path / "run"), progress=False)
+    stage1 = [seconds for stem, _, seconds in saved if stem == "stage1"]
+    assert len(stage1) == 3 and stage1[0] < stage1[1] < stage1[2], saved  # steps 2, 4, 6
+
+
 def test_resume_of_a_run_with_old_stage_names_is_refused(tiny_dir, tmp_path, monkeypatch):
     """A run an older LeanK started with target 0.755 named its stage 2 'stage2-0.76' (two decimals, and no
     target in the checkpoint); resuming it — with its targets, or with 0.76 added (sparsities are not a resume
